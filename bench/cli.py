@@ -1,0 +1,25 @@
+"""`freehold bench NAME`: each benchmark is a module in bench/ with `add_arguments(parser)` and `run(args)`.
+Heavy imports (transformers, the model) happen inside `run`."""
+from __future__ import annotations
+
+import argparse
+
+from bench import generate, prefix, sampling, throughput
+
+BENCHMARKS = {
+    "generate": (generate, "single-stream prefill/decode tokens/s vs transformers"),
+    "throughput": (throughput, "batched engine vs one-at-a-time vs transformers static batches"),
+    "prefix": (prefix, "prompt caching: cold vs warm time-to-first-token"),
+    "sampling": (sampling, "sampler overhead per decode step at batch 16"),
+}
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_command", required=True)
+    for name, (module, help_text) in BENCHMARKS.items():
+        module.add_arguments(sub.add_parser(name, help=help_text))
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    module, _ = BENCHMARKS[args.bench_command]
+    return module.run(args) or 0

@@ -1,0 +1,68 @@
+"""Single-stream generation: prefill and decode tokens/s, Freehold beside transformers on the same weights."""
+from __future__ import annotations
+
+import argparse
+
+from bench.common import Timer, pydoc_token_ids, write_results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-transformers", action="store_true")
+
+
+def freehold_timings(llm, prompt: list[int], decode_tokens: int) -> tuple[float, float]:
+    from freehold.types import SamplingParams
+    llm.engine.reset_prefix_cache()
+    with Timer() as t_prefill:
+        llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    llm.engine.reset_prefix_cache()
+    with Timer() as t_total:
+        llm.generate(prompt, SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True))
+    return t_prefill.seconds, t_total.seconds - t_prefill.seconds
+
+
+def transformers_timings(model, prompt: list[int], decode_tokens: int) -> tuple[float, float]:
+    import torch
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        with Timer() as t_prefill:
+            model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        with Timer() as t_total:
+            model.generate(ids, max_new_tokens=decode_tokens + 1, min_new_tokens=decode_tokens + 1, do_sample=False)
+    return t_prefill.seconds, t_total.seconds - t_prefill.seconds
+
+
+def run(args: argparse.Namespace) -> int:
+    from freehold.llm import LLM
+    llm = LLM(args.model, progress=False, kv_cache_memory=256 << 20)
+    prompt = pydoc_token_ids(llm.tokenizer)[:args.prompt_tokens]
+    systems = [("freehold", lambda: freehold_timings(llm, prompt, args.decode_tokens))]
+    if not args.no_transformers:
+        from transformers import AutoModelForCausalLM
+        path = llm.loaded.path
+        ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name) if path.is_file() \
+            else AutoModelForCausalLM.from_pretrained(str(path))
+        ref.eval()
+        systems.append(("transformers fp32", lambda: transformers_timings(ref, prompt, args.decode_tokens)))
+    rows, best = [], {}
+    for name, fn in systems:
+        fn()  # warm-up
+        runs = [fn() for _ in range(args.repeats)]
+        prefill, decode = min(r[0] for r in runs), min(r[1] for r in runs)
+        best[name] = (args.prompt_tokens / prefill, args.decode_tokens / decode)
+        rows.append([name, str(llm.engine.config.dtype).removeprefix("torch.") if name == "freehold" else "float32",
+                     round(best[name][0], 1), round(best[name][1], 1)])
+    if "transformers fp32" in best:
+        base = best["transformers fp32"]
+        for row in rows:
+            row += [round(row[2] / base[0], 2), round(row[3] / base[1], 2)]
+        headers = ["system", "weights", "prefill tok/s", "decode tok/s", "prefill x", "decode x"]
+    else:
+        headers = ["system", "weights", "prefill tok/s", "decode tok/s"]
+    write_results("generate", headers, rows, {"prompt_tokens": args.prompt_tokens,
+                                              "decode_tokens": args.decode_tokens})
+    return 0

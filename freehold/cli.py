@@ -1,0 +1,86 @@
+"""The `freehold` command: parses arguments, calls the library, prints. Errors print one line, no traceback."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from freehold.errors import FreeholdError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="GGUF file or Hugging Face model dir (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--kv-cache-memory", default="256M", help="KV cache size, e.g. 256M or 2G")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="freehold", description="Self-hosted LLM inference server and runtime.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from freehold.server.main import add_serve_arguments
+    add_serve_arguments(sub.add_parser("serve", help="OpenAI-compatible HTTP server"))
+
+    g = sub.add_parser("generate", help="complete a prompt")
+    g.add_argument("prompt")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_model_args(g)
+    _add_sampling_args(g)
+
+    c = sub.add_parser("chat", help="interactive terminal chat, streaming tokens")
+    c.add_argument("--system", default=None)
+    _add_model_args(c)
+    _add_sampling_args(c)
+
+    e = sub.add_parser("eval", help="evaluations")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    ppl = esub.add_parser("ppl", help="perplexity over a text (default: pydoc topics)")
+    ppl.add_argument("--text", type=Path, default=None, help="a UTF-8 text file")
+    ppl.add_argument("--max-tokens", type=int, default=32768)
+    ppl.add_argument("--window", type=int, default=1024)
+    _add_model_args(ppl)
+
+    k = sub.add_parser("kv-plan", help="what fits: KV bytes/token, tokens and concurrent requests for a memory size")
+    k.add_argument("model", nargs="?", default=None, help="GGUF, HF dir or config.json (default: the default model)")
+    k.add_argument("--memory", default="8G", help="total memory for weights + KV, e.g. 24G")
+    k.add_argument("--block-size", type=int, default=16)
+
+    from bench.cli import add_bench_arguments
+    add_bench_arguments(sub.add_parser("bench", help="benchmarks (write tables to bench/results/)"))
+
+    i = sub.add_parser("inspect", help="look inside the model's decisions")
+    isub = i.add_subparsers(dest="inspect_command", required=True)
+    s = isub.add_parser("sampling", help="what temperature/top-p/min-p do to the next-token distribution")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--temperatures", default="0.2,0.7,1.0,1.5")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--top-n", type=int, default=10)
+    s.add_argument("--chart", type=Path, default=Path("sampling.png"))
+    s.add_argument("--chat", action="store_true")
+    _add_model_args(s)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from freehold import commands
+        return commands.run(args)
+    except FreeholdError as exc:
+        print(f"freehold: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

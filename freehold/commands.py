@@ -1,0 +1,119 @@
+"""What each `freehold` subcommand does (the parser lives in cli.py)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from freehold.errors import InvalidRequestError
+from freehold.types import SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def run(args: argparse.Namespace) -> int:
+    handlers = {"generate": generate, "chat": chat, "eval": evaluate, "kv-plan": kv_plan,
+                "bench": bench, "inspect": inspect, "serve": serve}
+    return handlers[args.command](args)
+
+
+def load_llm(args: argparse.Namespace):
+    from freehold.kv.planner import parse_size
+    from freehold.llm import LLM
+    t0 = time.perf_counter()
+    llm = LLM(args.model, dtype=DTYPES[args.dtype], device=args.device,
+              kv_cache_memory=parse_size(args.kv_cache_memory))
+    print(f"{llm.describe()}\nloaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return llm
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+
+def generate(args: argparse.Namespace) -> int:
+    llm = load_llm(args)
+    prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    for delta in llm.stream(prompt, sampling_params(args)):
+        print(delta, end="", flush=True)
+    print()
+    return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    llm = load_llm(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat with the model; an empty line or Ctrl-D ends the session", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        reply = ""
+        for delta in llm.stream(llm.chat_prompt(messages), sampling_params(args)):
+            reply += delta
+            print(delta, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from freehold.eval.ppl import default_text, perplexity
+    from freehold.models.loader import load_model
+    from freehold.tokenizer import Tokenizer
+    if args.text is not None and not args.text.is_file():
+        raise InvalidRequestError(f"text file not found: {args.text}")
+    text = args.text.read_text(encoding="utf-8") if args.text else default_text()
+    loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    ids = Tokenizer.from_model_path(loaded.path).encode(text, add_special_tokens=False)
+    t0 = time.perf_counter()
+    result = perplexity(loaded.model, ids, args.window, args.max_tokens,
+                        progress=lambda i, n: print(f"\rwindow {i}/{n}", end="", file=sys.stderr))
+    print(file=sys.stderr)
+    print(f"perplexity {result.perplexity:.4f} over {result.num_predicted} predicted tokens "
+          f"({result.num_windows} windows of {args.window}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def kv_plan(args: argparse.Namespace) -> int:
+    from freehold.kv.planner import format_plan, parse_size, plan, read_model_for_plan
+    from freehold.models.locate import resolve_model_path
+    path = Path(args.model) if args.model and args.model.endswith(".json") else resolve_model_path(args.model)
+    if not path.exists():
+        raise InvalidRequestError(f"config file not found: {path}")
+    cfg, weight_bytes = read_model_for_plan(path)
+    print(format_plan(plan(cfg, weight_bytes, parse_size(args.memory), args.block_size)))
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    from bench.cli import run_bench
+    return run_bench(args)
+
+
+def inspect(args: argparse.Namespace) -> int:
+    from freehold.sampling.inspect import format_table, inspect_distribution, save_chart
+    llm = load_llm(args)
+    ids = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else llm.encode_prompt(args.prompt)
+    model = llm.loaded.model
+    with torch.inference_mode():
+        hidden = model(torch.tensor(ids, device=args.device), torch.arange(len(ids), device=args.device))
+        logits = model.compute_logits(hidden[-1:])[0].cpu()
+    temps = [float(t) for t in args.temperatures.split(",")]
+    results = inspect_distribution(logits, lambda i: llm.tokenizer.decode([i]), temps,
+                                   top_p=args.top_p, min_p=args.min_p, top_n=args.top_n)
+    print(format_table(results))
+    print(f"chart saved to {save_chart(results, args.chart)}")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from freehold.server.main import serve as run_server
+    return run_server(args)

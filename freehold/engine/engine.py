@@ -1,0 +1,176 @@
+"""The engine: owns the model, the KV cache, the scheduler and the sampler. One thread calls `step()`.
+
+    step = schedule -> forward -> sample -> update
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Sequence as Seq
+
+import torch
+
+from freehold.config import EngineConfig, ModelConfig
+from freehold.engine.memory import KVBudget, plan_kv
+from freehold.engine.runner import ModelRunner
+from freehold.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from freehold.engine.sequence import Sequence, SequenceStatus
+from freehold.errors import InvalidRequestError, PromptTooLongError
+from freehold.kv.block_pool import BlockPool
+from freehold.layers.attention import KVCache
+from freehold.models.llama import LlamaForCausalLM
+from freehold.sampling.sampler import Sampler, SamplerOutput, SamplingRow, make_generator
+from freehold.types import CompletionOutput, FinishReason, RequestOutput, SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int  # prompt tokens served from cache
+    num_preemptions: int
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total
+
+
+class Engine:
+    def __init__(self, model: LlamaForCausalLM, model_config: ModelConfig, eos_token_ids: Seq[int],
+                 config: EngineConfig = EngineConfig(), kv_cache: KVCache | None = None):
+        self.config = config
+        self.model_config = model_config
+        self.device = torch.device(config.device)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.budget: KVBudget = plan_kv(model_config, config)
+        cache = kv_cache or KVCache(model_config.num_layers, self.budget.num_blocks, config.block_size,
+                                    model_config.num_kv_heads, model_config.head_dim, config.cache_dtype, self.device)
+        self.pool = BlockPool(self.budget.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, cache, self.device)
+        self.sampler = Sampler(model_config.vocab_size, self.device, tuple(eos_token_ids), seed=config.seed)
+        self.context_len = min(config.max_model_len or model_config.max_position_embeddings,
+                               model_config.max_position_embeddings)
+        self.max_model_len = min(self.context_len, self.budget.num_tokens)  # one sequence must always fit
+        self.requests: dict[str, list[Sequence]] = {}
+        self._arrivals = itertools.count()
+        self.num_preemptions = 0
+
+    # -- public API ---------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises PromptTooLongError / InvalidRequestError for what can never run."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        self.check_request(prompt_token_ids, params)
+        seqs = [Sequence(request_id, i, list(prompt_token_ids), params, next(self._arrivals),
+                         make_generator(None if params.seed is None else params.seed + i, self.device))
+                for i in range(params.n)]
+        self.requests[request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt has token ids outside the vocabulary: {bad[:5]}", param="prompt")
+        if n >= self.max_model_len:
+            limit = "the model context length" if self.max_model_len == self.context_len else "the KV cache budget"
+            raise PromptTooLongError(
+                f"prompt has {n} tokens but {limit} allows {self.max_model_len} tokens "
+                f"(prompt plus at least one generated token)", n, self.max_model_len)
+        self.sampler.check_params(params)
+
+    def abort_request(self, request_id: str) -> None:
+        for seq in self.requests.pop(request_id, []):
+            if not seq.finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = FinishReason.ABORT
+
+    def stop_sequence(self, request_id: str, index: int) -> None:
+        """End one completion early with finish_reason "stop" (a stop string matched in the text layer)."""
+        seqs = self.requests.get(request_id, [])
+        for seq in seqs:
+            if seq.index == index and not seq.finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = FinishReason.STOP
+        if seqs and all(s.finished for s in seqs):
+            del self.requests[request_id]
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        self.num_preemptions += len(batch.preempted)
+        if batch.empty:
+            return []
+        logits, sampling_chunks = self.runner.forward(batch.chunks)
+        sampled = self.sampler.sample(logits, [self._sampling_row(c.seq) for c in sampling_chunks])
+        return self._update(batch, sampling_chunks, sampled)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.pool.num_blocks,
+                           self.pool.num_blocks - self.pool.num_free, self.pool.num_queries, self.pool.num_hits,
+                           self.num_preemptions)
+
+    def check_integrity(self) -> None:
+        self.pool.check_integrity(self.scheduler.block_tables())
+
+    def reset_prefix_cache(self) -> int:
+        return self.pool.reset_prefix_cache()
+
+    # -- private ------------------------------------------------------------------------------------------
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        return SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator)
+
+    def _update(self, batch: SchedulerOutput, sampling_chunks: tuple[ScheduledChunk, ...],
+                sampled: SamplerOutput) -> list[RequestOutput]:
+        for chunk in batch.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+            self._register_full_blocks(chunk.seq)
+        touched: dict[str, None] = {}
+        for chunk, token, logprob in zip(sampling_chunks, sampled.token_ids, sampled.logprobs):
+            seq = chunk.seq
+            seq.output_token_ids.append(token)
+            if logprob is not None:
+                seq.output_logprobs.append(logprob)
+            seq.finish_reason = self._finish_reason(seq, token)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            touched[seq.request_id] = None
+        return [self._collect(request_id) for request_id in touched]
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        seq.update_block_keys(self.pool.block_size)
+        num_full = min(seq.num_computed_tokens // self.pool.block_size, len(seq.block_keys))
+        for i in range(num_full):
+            self.pool.register(seq.block_table[i], seq.block_keys[i])
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        p = seq.params
+        if len(seq.output_token_ids) >= p.min_tokens:
+            if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                return FinishReason.STOP
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _collect(self, request_id: str) -> RequestOutput:
+        """New tokens of each of the request's sequences since the last report; forgets finished requests."""
+        seqs = self.requests[request_id]
+        outputs = []
+        for seq in seqs:
+            new = slice(seq.num_emitted, len(seq.output_token_ids))
+            logprobs = seq.output_logprobs[new] if seq.params.logprobs is not None else None
+            outputs.append(CompletionOutput(seq.index, seq.output_token_ids[new], logprobs, seq.finish_reason))
+            seq.num_emitted = len(seq.output_token_ids)
+        out = RequestOutput(request_id, seqs[0].prompt_token_ids, outputs, seqs[0].num_cached_tokens)
+        if out.finished:
+            del self.requests[request_id]
+        return out

@@ -1,0 +1,76 @@
+"""Model runner: packs scheduled chunks into one flat batch (`prepare_*`), runs the model, returns the logits
+of the sequences that sample this step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from freehold.engine.scheduler import ScheduledChunk
+from freehold.layers.attention import AttentionMetadata, KVCache, PrefillChunk
+from freehold.models.llama import LlamaForCausalLM
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    logit_rows: torch.Tensor  # [B] rows of the flat batch whose logits are needed
+    sampling_chunks: tuple[ScheduledChunk, ...]  # the B chunks, in logit_rows order
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, cache: KVCache, device: torch.device):
+        self.model = model
+        self.cache = cache
+        self.device = device
+        self.block_size = cache.block_size
+
+    @torch.inference_mode()
+    def forward(self, chunks: tuple[ScheduledChunk, ...]) -> tuple[torch.Tensor, tuple[ScheduledChunk, ...]]:
+        """-> fp32 logits [B, V] for the chunks that complete their sequence, and those chunks."""
+        inp = self.prepare_input(chunks)
+        hidden = self.model(inp.input_ids, inp.positions, self.cache, inp.meta)
+        return self.model.compute_logits(hidden[inp.logit_rows]), inp.sampling_chunks
+
+    def prepare_input(self, chunks: tuple[ScheduledChunk, ...]) -> ModelInput:
+        decodes = [c for c in chunks if c.num_tokens == 1]  # one query token: batched decode attention
+        prefills = [c for c in chunks if c.num_tokens > 1]
+        ids, positions, slots = [], [], []
+        for c in decodes + prefills:
+            ids += c.seq.all_token_ids[c.start:c.start + c.num_tokens]
+            pos = list(range(c.start, c.start + c.num_tokens))
+            positions += pos
+            table = c.seq.block_table
+            slots += [table[p // self.block_size] * self.block_size + p % self.block_size for p in pos]
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots), num_decode=len(decodes),
+            decode_block_tables=self._decode_tables(decodes) if decodes else None,
+            decode_context_lens=self._tensor([c.start + 1 for c in decodes]) if decodes else None,
+            prefills=self._prefill_chunks(prefills, len(decodes)))
+        rows, sampling, row = [], [], 0
+        for c in decodes + prefills:
+            row += c.num_tokens
+            if c.completes:
+                rows.append(row - 1)
+                sampling.append(c)
+        return ModelInput(self._tensor(ids), self._tensor(positions), meta, self._tensor(rows), tuple(sampling))
+
+    # -- private ------------------------------------------------------------------------------------------
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+    def _decode_tables(self, decodes: list[ScheduledChunk]) -> torch.Tensor:
+        width = max(-(-(c.start + 1) // self.block_size) for c in decodes)
+        tables = [c.seq.block_table[:width] + [0] * (width - len(c.seq.block_table[:width])) for c in decodes]
+        return self._tensor(tables)
+
+    def _prefill_chunks(self, prefills: list[ScheduledChunk], first_row: int) -> tuple[PrefillChunk, ...]:
+        out, row = [], first_row
+        for c in prefills:
+            context = c.start + c.num_tokens
+            table = self._tensor(c.seq.block_table[:-(-context // self.block_size)])
+            out.append(PrefillChunk(row, row + c.num_tokens, context, table))
+            row += c.num_tokens
+        return tuple(out)

@@ -1,0 +1,137 @@
+"""Continuous batching with chunked prefill, admission by KV blocks and preemption by recompute.
+
+Each step has a token budget (max_num_batched_tokens). Running sequences go first, oldest first, so decodes are
+never starved by a long prompt; a prompt longer than the remaining budget is split into chunks across steps.
+Waiting sequences are admitted FIFO while blocks, budget and max_num_seqs allow (no skipping ahead).
+When a running sequence needs a block and none is free, the newest running sequence is preempted: its blocks are
+freed and it goes back to the front of the queue to be recomputed later (its prefix is usually still cached).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from freehold.engine.sequence import Sequence, SequenceStatus
+from freehold.kv.block_pool import BlockPool
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # first token position computed this step
+    num_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        """After this chunk every token of the sequence has KV, so the step samples its next token."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[Sequence, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int):
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    # -- public API ---------------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget, chunks, preempted = self.max_num_batched_tokens, [], []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_uncomputed, budget)
+            if not self._grow_or_preempt(seq, n, preempted):
+                continue
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            budget -= n
+        while self.waiting and budget and len(self.running) < self.max_num_seqs and not preempted:
+            chunk = self._admit(self.waiting[0], budget)
+            if chunk is None:
+                break
+            self.waiting.popleft()
+            chunks.append(chunk)
+            budget -= chunk.num_tokens
+        return SchedulerOutput(tuple(chunks), tuple(preempted))
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a finished or aborted sequence's blocks, keeping full blocks cached for reuse."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+        seq.status = SequenceStatus.FINISHED
+
+    def block_tables(self) -> list[list[int]]:
+        return [s.block_table for s in self.running] + [s.block_table for s in self.waiting]
+
+    # -- private ------------------------------------------------------------------------------------------
+    def _blocks_needed(self, seq: Sequence, num_new: int) -> int:
+        total = -(-(seq.num_computed_tokens + num_new) // self.pool.block_size)
+        return max(0, total - len(seq.block_table))
+
+    def _grow_or_preempt(self, seq: Sequence, n: int, preempted: list[Sequence]) -> bool:
+        """Give `seq` blocks for n more tokens, preempting the newest running sequences if needed."""
+        need = self._blocks_needed(seq, n)
+        while not self.pool.can_allocate(need):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        seq.block_table += self.pool.allocate(need)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _admit(self, seq: Sequence, budget: int) -> ScheduledChunk | None:
+        """Reuse cached prefix blocks, then allocate blocks for the first chunk; None if it does not fit."""
+        bs = self.pool.block_size
+        seq.update_block_keys(bs)
+        max_hit_blocks = (seq.num_tokens - 1) // bs  # always compute at least the last token
+        hits = self.pool.lookup(seq.block_keys[:max_hit_blocks])
+        num_cached = len(hits) * bs
+        n = min(seq.num_tokens - num_cached, budget)
+        need = -(-(num_cached + n) // bs) - len(hits)
+        # blocks found in the free queue (cached, unreferenced) are not available for allocation
+        reused_free = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
+        if not self.pool.can_allocate(need + reused_free):
+            return None
+        self.pool.acquire(hits)
+        seq.block_table = hits + self.pool.allocate(need)
+        seq.num_computed_tokens = num_cached
+        if not seq.admitted_once:
+            seq.num_cached_tokens = num_cached
+            seq.admitted_once = True
+            self.pool.record_lookup(len(seq.prompt_token_ids), num_cached)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return ScheduledChunk(seq, num_cached, n)

@@ -1,0 +1,61 @@
+"""A sequence: one completion being generated (a request with n > 1 owns n sequences)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from freehold.kv.block_pool import BlockKey, block_key
+from freehold.types import FinishReason, SamplingParams, TokenLogprob
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    index: int  # which of the request's n completions
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int  # FIFO order
+    generator: torch.Generator | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache at first admission
+    num_preemptions: int = 0
+    admitted_once: bool = False
+    block_table: list[int] = field(default_factory=list)
+    block_keys: list[BlockKey] = field(default_factory=list)  # keys of full blocks of all_token_ids
+    num_emitted: int = 0  # output tokens already reported to the caller
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def update_block_keys(self, block_size: int) -> None:
+        """Extend `block_keys` to cover every full block of the sequence's tokens."""
+        tokens = self.all_token_ids
+        while (len(self.block_keys) + 1) * block_size <= len(tokens):
+            i = len(self.block_keys)
+            parent = self.block_keys[-1] if self.block_keys else None
+            self.block_keys.append(block_key(parent, tokens[i * block_size:(i + 1) * block_size]))

@@ -1,0 +1,104 @@
+"""Attention over a paged KV cache.
+
+The flat batch holds T tokens: first the decode tokens (one per decoding sequence), then the prefill chunks.
+Each layer writes its new K/V into cache slots (slot = block_id * block_size + offset) and then attends:
+  decode:  one batched SDPA over each sequence's gathered blocks, masked past its context length;
+  prefill: one SDPA per chunk; a chunk that starts at position 0 attends to its own K/V with a causal mask,
+           a chunk that continues a cached prefix gathers the prefix from the cache and uses an offset causal mask.
+softmax(q k^T / sqrt(D)) v with GQA: query head h reads KV head h // (H / KVH).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    start: int  # first row of this chunk in the flat batch
+    end: int  # one past the last row
+    context_len: int  # tokens in the cache for this sequence after this chunk is written
+    block_table: torch.Tensor  # [num_blocks] int64, the sequence's blocks covering context_len
+
+    @property
+    def num_new(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where a flat batch's tokens live in the KV cache; built once per step by the runner."""
+
+    slot_mapping: torch.Tensor  # [T] int64 cache slot of each token
+    num_decode: int  # rows [0, num_decode) are decode tokens
+    decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64 (padded with block 0)
+    decode_context_lens: torch.Tensor | None  # [B] int64
+    prefills: tuple[PrefillChunk, ...]
+
+
+class KVCache:
+    """K and V storage for all layers: [layers, num_blocks, block_size, kv_heads, head_dim] each."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+
+    @property
+    def num_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [T, KVH, D] stored at flat slots [T]."""
+        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k.to(self.k.dtype))
+        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v.to(self.v.dtype))
+
+    def gather(self, layer: int, block_tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """block_tables: [..., nb] -> K, V: [..., length, KVH, D] (the first `length` tokens of those blocks)."""
+        k = self.k[layer][block_tables].flatten(-4, -3)[..., :length, :, :]
+        v = self.v[layer][block_tables].flatten(-4, -3)[..., :length, :, :]
+        return k, v
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """q: [B, L, H, D], k/v: [B, S, KVH, D] -> [B, L, H, D]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+        attn_mask=mask, is_causal=causal, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cache: KVCache | None, meta: AttentionMetadata | None) -> torch.Tensor:
+    """q: [T, H, D], k/v: [T, KVH, D] for the new tokens -> [T, H, D].
+
+    With no cache (perplexity, parity checks) the whole batch is one causal sequence.
+    """
+    if cache is None or meta is None:
+        return _sdpa(q[None], k[None], v[None], None, causal=True)[0]
+    cache.write(layer, meta.slot_mapping, k, v)
+    out = torch.empty_like(q)
+    n = meta.num_decode
+    if n:
+        max_len = int(meta.decode_context_lens.max())
+        kd, vd = cache.gather(layer, meta.decode_block_tables, max_len)  # [B, S, KVH, D]
+        pos = torch.arange(max_len, device=q.device)
+        mask = (pos[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
+        out[:n] = _sdpa(q[:n, None], kd, vd, mask, causal=False)[:, 0]
+    for chunk in meta.prefills:
+        qs = q[chunk.start:chunk.end]
+        if chunk.context_len == chunk.num_new:  # fresh sequence: attend to its own new K/V
+            out[chunk.start:chunk.end] = _sdpa(qs[None], k[None, chunk.start:chunk.end],
+                                               v[None, chunk.start:chunk.end], None, causal=True)[0]
+            continue
+        kc, vc = cache.gather(layer, chunk.block_table, chunk.context_len)  # [S, KVH, D]
+        # query i sits at position (S - L + i) and sees keys 0..S-L+i
+        offset = chunk.context_len - chunk.num_new
+        rows = torch.arange(chunk.num_new, device=q.device)[:, None] + offset
+        mask = torch.arange(chunk.context_len, device=q.device)[None, :] <= rows  # [L, S]
+        out[chunk.start:chunk.end] = _sdpa(qs[None], kc[None], vc[None], mask[None, None], causal=False)[0]
+    return out

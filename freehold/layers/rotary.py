@@ -1,0 +1,48 @@
+"""Rotary position embedding (RoPE), "rotate half" layout as in Hugging Face Llama/Qwen.
+
+For head dim D and pair i < D/2 at position p: theta_i = base^(-2i/D) / factor_i,
+(x_i, x_{i+D/2}) -> (x_i cos(p theta_i) - x_{i+D/2} sin(p theta_i), x_{i+D/2} cos(p theta_i) + x_i sin(p theta_i)).
+factor_i is 1 unless llama3 scaling (or a GGUF `rope_freqs` tensor) stretches the low frequencies.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from freehold.config import RopeScaling
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1 scaling: long wavelengths divided by `factor`, short kept, smooth blend in between."""
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_positions: int, base: float,
+                 scaling: RopeScaling | None = None, freq_factors: torch.Tensor | None = None):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        if scaling is not None:
+            inv_freq = llama3_inv_freq(inv_freq, scaling)
+        if freq_factors is not None:
+            inv_freq = inv_freq / freq_factors.to(torch.float64)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)  # [P, D/2]
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, D], positions: [T] -> [T, heads, D]"""
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
+        sin = self.sin[positions].unsqueeze(1)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.to(x.dtype)

@@ -1,0 +1,131 @@
+"""The Python API: `LLM(model).generate(prompts, SamplingParams)` and `.chat(messages)`, on the engine."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import torch
+
+from freehold.config import EngineConfig
+from freehold.engine.engine import Engine
+from freehold.errors import InvalidRequestError
+from freehold.models.loader import LoadedModel, load_model
+from freehold.text_stream import TextStream
+from freehold.tokenizer import Tokenizer
+from freehold.types import FinishReason, SamplingParams, TokenLogprob
+
+Message = Mapping[str, object]
+
+
+@dataclass
+class Completion:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Generation:
+    prompt_token_ids: list[int]
+    completions: list[Completion]
+    num_cached_tokens: int = 0
+
+    @property
+    def text(self) -> str:
+        return self.completions[0].text
+
+
+class LLM:
+    def __init__(self, model: str | None = None, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 engine_config: EngineConfig | None = None, progress: bool = True, **engine_options):
+        self.loaded: LoadedModel = load_model(model, dtype=dtype, device=device, progress=progress)
+        self.tokenizer = Tokenizer.from_model_path(self.loaded.path)
+        config = engine_config or EngineConfig(device=device, dtype=dtype, **engine_options)
+        self.engine = Engine(self.loaded.model, self.loaded.config, self.tokenizer.eos_token_ids, config)
+        self._ids = itertools.count()
+        self._streams: dict[str, list[TextStream]] = {}  # per request, one per completion
+
+    # -- public API ---------------------------------------------------------------------------------------
+    def describe(self) -> str:
+        cfg, budget = self.loaded.config, self.engine.budget
+        return (f"model {cfg.name} ({self.loaded.path.name}), {cfg.num_parameters() / 1e6:.1f}M parameters, "
+                f"{cfg.architecture}, dtype {str(self.engine.config.dtype).removeprefix('torch.')}, "
+                f"weights {self.loaded.weight_bytes() / 2**20:.0f} MiB\n"
+                f"KV cache {budget.num_bytes / 2**20:.0f} MiB = {budget.num_tokens} tokens "
+                f"({budget.bytes_per_token} B/token), {budget.sequences_at(self.engine.max_model_len)} sequences "
+                f"at the full context of {self.engine.max_model_len} tokens")
+
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[Generation]:
+        """Run all prompts together on the engine (continuous batching) and return them in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params_list) != len(prompts):
+            raise InvalidRequestError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
+        ids = [self._submit(self.encode_prompt(p), sp) for p, sp in zip(prompts, params_list)]
+        results = {rid: gen for rid, gen in ids}
+        while self.engine.has_unfinished():
+            self._step(results)
+        return [gen for _, gen in ids]
+
+    def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
+             params: SamplingParams = SamplingParams()) -> list[Generation]:
+        conversations = [messages] if messages and isinstance(messages[0], Mapping) else messages
+        return self.generate([self.chat_prompt(c) for c in conversations], params)
+
+    def chat_prompt(self, messages: Sequence[Message]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams()) -> Iterator[str]:
+        """Text deltas of one completion as they are generated (for terminal chat)."""
+        request_id, gen = self._submit(self.encode_prompt(prompt), params)
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.request_id != request_id:
+                    continue
+                delta = self._absorb(request_id, gen, out)
+                if delta:
+                    yield delta
+
+    # -- private ------------------------------------------------------------------------------------------
+    def _submit(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, Generation]:
+        request_id = f"llm-{next(self._ids)}"
+        self.engine.add_request(request_id, prompt_ids, params)
+        self._streams[request_id] = [TextStream(self.tokenizer, params.stop) for _ in range(params.n)]
+        return request_id, Generation(prompt_ids, [Completion(i) for i in range(params.n)])
+
+    def _step(self, results: dict[str, Generation]) -> None:
+        for out in self.engine.step():
+            self._absorb(out.request_id, results[out.request_id], out)
+
+    def _absorb(self, request_id: str, gen: Generation, out) -> str:
+        """Fold one step's RequestOutput into the Generation; returns completion 0's new text."""
+        gen.num_cached_tokens = out.num_cached_tokens
+        first_delta = ""
+        for o in out.outputs:
+            comp, stream = gen.completions[o.index], self._streams[request_id][o.index]
+            if comp.finish_reason is not None:
+                continue
+            comp.token_ids += o.token_ids
+            comp.logprobs += o.logprobs or []
+            delta = stream.push(o.token_ids)
+            if delta.stopped:
+                self.engine.stop_sequence(request_id, o.index)
+                comp.finish_reason = FinishReason.STOP
+            elif o.finish_reason is not None:
+                delta = stream.finish()
+                comp.finish_reason = o.finish_reason
+            comp.text += delta.text
+            if o.index == 0:
+                first_delta = delta.text
+        if all(c.finish_reason is not None for c in gen.completions):
+            self._streams.pop(request_id, None)
+        return first_delta

@@ -1,0 +1,32 @@
+"""The FastAPI application: routes, OpenAI-shaped error handling and the optional API-key check.
+
+    HTTP request -> APIKeyMiddleware -> route (parse, template, tokenize: `params`, `Serving.encode_*`)
+                 -> Serving.run (AsyncEngine on its own thread) -> text deltas -> JSON or SSE
+"""
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from freehold.server import chat, completions, routes
+from freehold.server.auth import APIKeyMiddleware
+from freehold.server.errors import install_error_handlers
+from freehold.server.serving import Serving
+from freehold.server.streaming import ClientDisconnected, disconnected_response
+
+
+def create_app(serving: Serving, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="Freehold", summary="OpenAI-compatible LLM inference server", version="0.1.0")
+    app.state.serving = serving
+    install_error_handlers(app)
+    app.add_exception_handler(ClientDisconnected, _client_disconnected)
+    app.include_router(chat.router)
+    app.include_router(completions.router)
+    app.include_router(routes.router)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    return app
+
+
+async def _client_disconnected(request: Request, exc: ClientDisconnected) -> Response:
+    return disconnected_response()

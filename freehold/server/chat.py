@@ -1,0 +1,103 @@
+"""POST /v1/chat/completions: messages -> chat template -> one engine request with n completions."""
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from freehold.engine.async_engine import EngineDeadError
+from freehold.errors import FreeholdError
+from freehold.server.errors import error_body, freehold_error_body
+from freehold.server.logprobs import chat_logprobs
+from freehold.server.params import chat_messages, check_supported, sampling_params
+from freehold.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
+                                      ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ErrorResponse, Usage)
+from freehold.server.serving import Choice, ChoiceDelta, Serving, UsageTally
+from freehold.server.streaming import DONE, EventStreamResponse, sse, until_disconnected
+
+router = APIRouter()
+
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 503)}
+
+
+@dataclass(frozen=True)
+class _Head:
+    id: str
+    created: int
+    model: str
+    logprobs: bool
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES,
+             summary="Create a chat completion (set stream for server-sent events)")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response | ChatCompletion:
+    serving: Serving = request.app.state.serving
+    serving.check_model(body.model)
+    check_supported(body)
+    prompt_ids = await serving.encode_chat(chat_messages(body))
+    params = sampling_params(body, len(prompt_ids), serving.max_model_len)
+    serving.check_request(prompt_ids, params)
+    serving.admit(1)
+    head = _Head(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), serving.model_name, params.logprobs is not None)
+    tally = UsageTally()
+    deltas = serving.run(head.id, prompt_ids, params, tally)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventStreamResponse(_events(serving, head, deltas, tally, params.n, include_usage))
+    choices = await until_disconnected(request, serving.collect(deltas, params.n))
+    return ChatCompletion(id=head.id, created=head.created, model=head.model,
+                          choices=[_choice(serving, head, c) for c in choices], usage=tally.to_usage())
+
+
+def _choice(serving: Serving, head: _Head, c: Choice) -> ChatChoice:
+    logprobs = chat_logprobs(c.logprobs, serving.token_text) if head.logprobs else None
+    reason = c.finish_reason.value if c.finish_reason else None
+    return ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=logprobs,
+                      finish_reason=reason)
+
+
+async def _events(serving: Serving, head: _Head, deltas: AsyncIterator[list[ChoiceDelta]], tally: UsageTally,
+                  n: int, include_usage: bool) -> AsyncIterator[str]:
+    """The role delta of every choice first, then content deltas, each choice's finish, usage, [DONE]."""
+    for i in range(n):
+        yield sse(_chunk(head, ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""),
+                                               logprobs=None, finish_reason=None)))
+    try:
+        async with aclosing(deltas):  # type: ignore[type-var]
+            async for step in deltas:
+                for d in step:
+                    yield sse(_chunk(head, _chunk_choice(serving, head, d)))
+    except (EngineDeadError, FreeholdError) as exc:
+        yield sse(_stream_error(exc))
+        yield DONE
+        return
+    if include_usage:
+        yield sse(_chunk(head, None, tally.to_usage()))
+    yield DONE
+
+
+def _chunk_choice(serving: Serving, head: _Head, d: ChoiceDelta) -> ChatChunkChoice:
+    delta = ChatDelta(content=d.text) if d.text else ChatDelta()
+    logprobs = chat_logprobs(d.logprobs, serving.token_text) if head.logprobs else None
+    reason = d.finish_reason.value if d.finish_reason else None
+    return ChatChunkChoice(index=d.index, delta=delta, logprobs=logprobs, finish_reason=reason)
+
+
+def _chunk(head: _Head, choice: ChatChunkChoice | None, usage: Usage | None = None) -> ChatCompletionChunk:
+    """A chunk with every field set explicitly (sse() drops unset ones: the delta's absent role/content)."""
+    chunk = ChatCompletionChunk(id=head.id, object="chat.completion.chunk", created=head.created, model=head.model,
+                                choices=[choice] if choice else [])
+    if usage is not None:
+        chunk.usage = usage
+    return chunk
+
+
+def _stream_error(exc: Exception) -> dict:
+    if isinstance(exc, FreeholdError):
+        return freehold_error_body(exc, "messages")[1]
+    return error_body(500, f"generation failed: {exc}")

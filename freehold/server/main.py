@@ -1,0 +1,141 @@
+"""`freehold serve`: load a model, start the engine thread and serve the OpenAI API with uvicorn.
+
+    python -m freehold.server.main [--model PATH] [--port 8000] [--api-key KEY] ...
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from freehold.engine.async_engine import AsyncEngine
+from freehold.errors import FreeholdError
+from freehold.models.locate import DEFAULT_MODEL_NAME
+from freehold.server.app import create_app
+from freehold.server.serving import Serving
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+API_KEY_ENV = "FREEHOLD_API_KEY"
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '1073741824', '512M', '2G', '1.5GiB' (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 268435456, 512M, 2G)")
+    value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help=f"GGUF file or Hugging Face model directory (default: {DEFAULT_MODEL_NAME})")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the name clients pass as `model` (default: the model's file or directory name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, local only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' on /v1 and /admin (or set {API_KEY_ENV})")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default: float32)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--kv-cache-memory", type=parse_size, default=None,
+                        help="KV cache size in bytes, e.g. 512M or 2G (default: a fraction of free memory)")
+    parser.add_argument("--max-num-seqs", type=_positive_int, default=None, help="sequences per step")
+    parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=None, help="tokens per step")
+    parser.add_argument("--max-model-len", type=_positive_int, default=None,
+                        help="context limit in tokens (default: the model's)")
+    parser.add_argument("--max-waiting", type=_positive_int, default=256,
+                        help="requests allowed to wait for their first token; more get 503 + Retry-After "
+                             "(default: 256)")
+    parser.add_argument("--no-prefix-cache", action="store_true", help="disable prefix caching")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the server until interrupted; returns the process exit code."""
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    try:
+        llm = _load(args)
+    except FreeholdError as exc:
+        sock.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    name = args.served_model_name or _default_name(args.model)
+    engine = AsyncEngine(llm.engine)
+    app = create_app(Serving(engine, llm.tokenizer, name, args.max_waiting), api_key)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(llm.describe())
+    print(f"serving {name!r} at http://{host}:{sock.getsockname()[1]}/v1"
+          f"{' (API key required)' if api_key else ''}", flush=True)
+    if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host} without an API key", file=sys.stderr)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _load(args: argparse.Namespace):
+    from freehold.llm import LLM  # heavy import, after the socket is known to be free
+
+    options = {"kv_cache_memory": args.kv_cache_memory, "max_num_seqs": args.max_num_seqs,
+               "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len}
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.no_prefix_cache:
+        options["enable_prefix_caching"] = False
+    return LLM(args.model, dtype=DTYPES[args.dtype], device=args.device, progress=sys.stderr.isatty(), **options)
+
+
+def _default_name(model: str | None) -> str:
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    path = Path(model)
+    return path.stem if path.suffix.lower() == ".gguf" else path.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="freehold serve", description="Serve a model over the OpenAI API.")
+    add_serve_arguments(parser)
+    return serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

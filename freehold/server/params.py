@@ -1,0 +1,151 @@
+"""OpenAI request fields -> what the engine takes: chat messages, prompts and `SamplingParams`.
+
+Range checks live in `SamplingParams` (its `InvalidRequestError` names the field); this module checks what only
+the protocol knows: unsupported fields, field combinations, and the context budget of prompt plus max_tokens.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from freehold.errors import InvalidRequestError, PromptTooLongError
+from freehold.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from freehold.types import SamplingParams
+
+MAX_STOP_STRINGS = 16
+_SEED_RANGE = (-(2**63), 2**63 - 1)
+_NEUTRAL = {"tool_choice": ("none",), "response_format": ({"type": "text"},)}
+
+
+def check_supported(request: SamplingFields) -> None:
+    """400 for any OpenAI field Freehold does not implement, unless it holds a value that asks for nothing."""
+    for name in _unsupported_fields(type(request)):
+        _reject_if_set(name, getattr(request, name), name)
+    if isinstance(request, ChatCompletionRequest):
+        for i, message in enumerate(request.messages):
+            _check_message(message, f"messages[{i}]")
+    if isinstance(request, CompletionRequest):
+        if request.best_of is not None and request.best_of != (request.n or 1):
+            raise InvalidRequestError("best_of is not supported (only best_of equal to n)", param="best_of")
+    if request.stream_options is not None and not request.stream:
+        raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
+
+
+def chat_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """Messages as the chat template takes them ("developer" is OpenAI's new name for "system")."""
+    if not request.messages:
+        raise InvalidRequestError("messages must contain at least one message", param="messages")
+    out = []
+    for m in request.messages:
+        content = m.content if isinstance(m.content, str) else [{"type": "text", "text": p.text or ""}
+                                                                for p in m.content]
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return out
+
+
+def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
+    """The prompt field as a list of prompts, each a string or a list of token ids."""
+    prompt = request.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise InvalidRequestError("prompt must not be an empty list", param="prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return list(prompt)
+
+
+def sampling_params(request: ChatCompletionRequest | CompletionRequest, num_prompt_tokens: int,
+                    max_model_len: int) -> SamplingParams:
+    """SamplingParams for one prompt; max_tokens defaults to the rest of the context."""
+    max_tokens, max_tokens_param = _max_tokens(request)
+    room = max_model_len - num_prompt_tokens
+    if max_tokens is None:
+        max_tokens = max(room, 1)  # a prompt that fills the context is rejected by the engine's check
+    elif max_tokens > room > 0:
+        raise PromptTooLongError(
+            f"this model's context is {max_model_len} tokens, but {num_prompt_tokens + max_tokens} were requested "
+            f"({num_prompt_tokens} in the prompt, {max_tokens} in {max_tokens_param}); lower {max_tokens_param} "
+            f"to at most {room}", num_prompt_tokens + max_tokens, max_model_len)
+    r = request
+    return SamplingParams(
+        max_tokens=max_tokens,
+        min_tokens=_default(r.min_tokens, 0),
+        temperature=_default(r.temperature, 1.0),
+        top_p=_default(r.top_p, 1.0),
+        top_k=None if r.top_k in (None, -1) else r.top_k,
+        min_p=_default(r.min_p, 0.0),
+        repetition_penalty=_default(r.repetition_penalty, 1.0),
+        presence_penalty=_default(r.presence_penalty, 0.0),
+        frequency_penalty=_default(r.frequency_penalty, 0.0),
+        logit_bias=_logit_bias(r.logit_bias),
+        seed=_seed(r.seed),
+        stop=_stop(r.stop),
+        ignore_eos=bool(r.ignore_eos),
+        logprobs=_logprobs(r),
+        n=_default(r.n, 1),
+    )
+
+
+# ---- private ------------------------------------------------------------------------------------------------------
+def _unsupported_fields(model: type) -> list[str]:
+    return [name for name, field in model.model_fields.items()
+            if field.description and field.description.startswith("Not supported")]
+
+
+def _reject_if_set(name: str, value: Any, param: str) -> None:
+    neutral = value is None or value is False or value == [] or value == {} or value in _NEUTRAL.get(name, ())
+    if not neutral:
+        raise InvalidRequestError(f"'{param}' is not supported by Freehold", param=param)
+
+
+def _check_message(message: ChatMessage, where: str) -> None:
+    for name in _unsupported_fields(ChatMessage):
+        _reject_if_set(name, getattr(message, name), f"{where}.{name}")
+    if isinstance(message.content, list):
+        for j, part in enumerate(message.content):
+            if part.type != "text" or part.text is None:
+                raise InvalidRequestError(
+                    f"content part type {part.type!r} is not supported: only {{'type': 'text', 'text': ...}} parts",
+                    param=f"{where}.content[{j}]")
+
+
+def _max_tokens(request: ChatCompletionRequest | CompletionRequest) -> tuple[int | None, str]:
+    if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
+        return request.max_completion_tokens, "max_completion_tokens"
+    return request.max_tokens, "max_tokens"
+
+
+def _default(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    out = {}
+    for key, value in (bias or {}).items():
+        if not key.strip().isdigit():
+            raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+        out[int(key)] = value
+    return out
+
+
+def _seed(seed: int | None) -> int | None:
+    if seed is not None and not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
+        raise InvalidRequestError(f"seed must be a 64-bit signed integer, got {seed}", param="seed")
+    return seed
+
+
+def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", param="stop")
+    return tuple(s for s in stops if s)
+
+
+def _logprobs(request: ChatCompletionRequest | CompletionRequest) -> int | None:
+    if isinstance(request, CompletionRequest):
+        return request.logprobs
+    if request.top_logprobs is not None and not request.logprobs:
+        raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+    if not request.logprobs:
+        return None
+    return _default(request.top_logprobs, 0)

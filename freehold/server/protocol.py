@@ -1,0 +1,221 @@
+"""The OpenAI protocol as pydantic models: request bodies (strict types, unknown fields forbidden) and responses.
+
+Request models accept every field Freehold implements. Fields of the OpenAI API that Freehold does not implement
+are declared too (so the error can name them) and rejected with a 400 unless they hold a neutral value
+(see `freehold.server.params.check_supported`).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+UNSUPPORTED = "Not supported by Freehold: a request that sets it is rejected with a 400."
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _unsupported() -> Any:
+    return Field(None, description=UNSUPPORTED)
+
+
+# ---- requests -----------------------------------------------------------------------------------------------------
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class ContentPart(_Strict):
+    """One part of a message's content. Only `{"type": "text"}` parts are supported."""
+
+    type: str
+    text: str | None = None
+    image_url: Any = _unsupported()
+    input_audio: Any = _unsupported()
+    file: Any = _unsupported()
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = _unsupported()
+    tool_calls: Any = _unsupported()
+    tool_call_id: Any = _unsupported()
+    function_call: Any = _unsupported()
+    refusal: Any = _unsupported()
+    audio: Any = _unsupported()
+
+
+class SamplingFields(_Strict):
+    """Sampling fields shared by both endpoints (OpenAI's plus vLLM's `top_k`, `min_p`, ... extensions)."""
+
+    model: str
+    temperature: float | None = Field(None, description="0 is greedy; default 1")
+    top_p: float | None = None
+    top_k: int | None = Field(None, description="-1 or null: all tokens")
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    stop: str | list[str] | None = Field(None, description="matched in the text, across token boundaries")
+    n: int | None = None
+    seed: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="accepted for compatibility; recorded nowhere")
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    # not implemented
+    service_tier: Any = _unsupported()
+    store: Any = _unsupported()
+    metadata: Any = _unsupported()
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, description="default: the rest of the context")
+    max_completion_tokens: int | None = Field(None, description="takes precedence over max_tokens")
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    # not implemented
+    tools: Any = _unsupported()
+    tool_choice: Any = _unsupported()
+    parallel_tool_calls: Any = _unsupported()
+    functions: Any = _unsupported()
+    function_call: Any = _unsupported()
+    response_format: Any = _unsupported()
+    audio: Any = _unsupported()
+    modalities: Any = _unsupported()
+    prediction: Any = _unsupported()
+    reasoning_effort: Any = _unsupported()
+    web_search_options: Any = _unsupported()
+
+
+PromptInput = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: PromptInput = Field(description="a string, a list of strings, a list of token ids, or a list of those")
+    max_tokens: int | None = Field(16, description="null: the rest of the context")
+    logprobs: int | None = Field(None, description="number of alternatives per token, 0-20")
+    # not implemented
+    echo: Any = _unsupported()
+    suffix: Any = _unsupported()
+    best_of: Any = Field(None, description="only null or equal to n")
+
+
+# ---- responses ----------------------------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "freehold"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

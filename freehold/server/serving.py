@@ -1,0 +1,183 @@
+"""The HTTP layer's side of the engine: tokenization off the event loop, admission, and each engine request turned
+into text deltas (detokenization and stop strings via `TextStream`).
+
+The engine runs on its own thread (`AsyncEngine`); everything here runs on the event loop. A request whose
+consumer stops early (client gone) closes its `run` generator, which aborts the engine request and frees its KV.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+from freehold.engine.async_engine import AsyncEngine
+from freehold.errors import InvalidRequestError
+from freehold.server.errors import APIError, QueueFullError
+from freehold.server.metrics import ServerMetrics
+from freehold.server.protocol import PromptTokensDetails, Usage
+from freehold.text_stream import TextStream
+from freehold.tokenizer import Tokenizer
+from freehold.types import CompletionOutput, FinishReason, SamplingParams, TokenLogprob
+
+
+@dataclass
+class ChoiceDelta:
+    """What one step added to one choice of the response."""
+
+    index: int  # choice index in the response: prompt number * n + completion index
+    text: str
+    logprobs: list[TokenLogprob]
+    finish_reason: FinishReason | None
+
+
+@dataclass
+class Choice:
+    """A finished choice (non-streaming responses)."""
+
+    index: int
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class UsageTally:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def to_usage(self) -> Usage:
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                     total_tokens=self.prompt_tokens + self.completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
+
+
+class Serving:
+    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, max_waiting: int | None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = engine.engine.max_model_len
+        self.max_waiting = max_waiting
+        self.num_pending = 0  # requests whose engine request has produced no token yet
+        self.created = int(time.time())
+        self.metrics = ServerMetrics(engine.stats, lambda: self.num_pending)
+
+    # -- before a request starts ----------------------------------------------------------------------------
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(400, f"model {model!r} is not served here; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    async def encode_chat(self, messages: list[dict]) -> list[int]:
+        def encode() -> list[int]:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return await asyncio.to_thread(encode)
+
+    async def encode_prompts(self, prompts: Sequence[str | list[int]]) -> list[list[int]]:
+        def encode() -> list[list[int]]:
+            return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        return await asyncio.to_thread(encode)
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """The engine's own checks (empty prompt, token ids, context length), before any response starts."""
+        self.engine.check_request(prompt_ids, params)
+
+    def admit(self, num_requests: int) -> None:
+        """Refuse new work while `max_waiting` requests are still waiting for their first token."""
+        if self.max_waiting is not None and self.num_pending + num_requests > self.max_waiting:
+            raise QueueFullError(self.num_pending)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    # -- running --------------------------------------------------------------------------------------------
+    async def run(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tally: UsageTally,
+                  index_offset: int = 0) -> AsyncIterator[list[ChoiceDelta]]:
+        """One engine request (params.n completions) as lists of per-choice deltas, until every completion ends."""
+        streams = [TextStream(self.tokenizer, params.stop) for _ in range(params.n)]
+        finished: dict[int, FinishReason] = {}
+        start = time.perf_counter()
+        last_token_at: list[float | None] = [None] * params.n
+        self.num_pending += 1
+        started = False
+        tally.prompt_tokens += len(prompt_ids)
+        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        try:
+            async with aclosing(self.engine.generate(request_id, prompt_ids, params)) as outputs:
+                async for out in outputs:
+                    now = time.perf_counter()
+                    if not started:
+                        started = True
+                        self.num_pending -= 1
+                        tally.cached_tokens += out.num_cached_tokens
+                        self.metrics.time_to_first_token.observe(now - start)
+                    deltas = []
+                    for o in out.outputs:
+                        if o.index in finished:
+                            continue  # ended by a stop string; the engine may still report a token in flight
+                        self._record_tokens(o, now, last_token_at, tally)
+                        delta = self._absorb(request_id, o, streams[o.index], index_offset)
+                        if delta.finish_reason is not None:
+                            finished[o.index] = delta.finish_reason
+                        if delta.text or delta.logprobs or delta.finish_reason is not None:
+                            deltas.append(delta)
+                    if deltas:
+                        yield deltas
+                    if len(finished) == params.n:
+                        break
+        finally:
+            if not started:
+                self.num_pending -= 1
+            self._record_finish(finished, params.n, start)
+
+    async def collect(self, deltas: AsyncIterator[list[ChoiceDelta]], num_choices: int) -> list[Choice]:
+        choices = [Choice(i) for i in range(num_choices)]
+        async with aclosing(deltas):
+            async for step in deltas:
+                for d in step:
+                    choice = choices[d.index]
+                    choice.text += d.text
+                    choice.logprobs += d.logprobs
+                    choice.finish_reason = d.finish_reason or choice.finish_reason
+        return choices
+
+    # -- private --------------------------------------------------------------------------------------------
+    def _absorb(self, request_id: str, out: CompletionOutput, stream: TextStream, index_offset: int) -> ChoiceDelta:
+        pushed = stream.push(out.token_ids)
+        text, reason = pushed.text, None
+        if pushed.stopped:
+            self.engine.stop_sequence(request_id, out.index)
+            reason = FinishReason.STOP
+        elif out.finish_reason is not None:
+            tail = stream.finish()
+            text += tail.text
+            reason = FinishReason.STOP if tail.stopped else out.finish_reason
+        return ChoiceDelta(index_offset + out.index, text, list(out.logprobs or []), reason)
+
+    def _record_tokens(self, out: CompletionOutput, now: float, last_token_at: list[float | None],
+                       tally: UsageTally) -> None:
+        if not out.token_ids:
+            return
+        tally.completion_tokens += len(out.token_ids)
+        self.metrics.generation_tokens.inc(len(out.token_ids))
+        previous = last_token_at[out.index]
+        if previous is not None:
+            self.metrics.inter_token_latency.observe((now - previous) / len(out.token_ids))
+        last_token_at[out.index] = now
+
+    def _record_finish(self, finished: dict[int, FinishReason], n: int, start: float) -> None:
+        for reason in finished.values():
+            self.metrics.requests.labels(reason.value).inc()
+        if len(finished) < n:
+            self.metrics.requests.labels(FinishReason.ABORT.value).inc(n - len(finished))
+        else:
+            self.metrics.request_latency.observe(time.perf_counter() - start)
+
+
+def check_num_choices(num_prompts: int, n: int, limit: int = 64) -> None:
+    if num_prompts * n > limit:
+        raise InvalidRequestError(f"{num_prompts} prompts x n={n} is more than {limit} choices", param="prompt")

@@ -1,0 +1,40 @@
+"""Fixtures shared by every tier: the default model (always installed), a tiny random Llama for fast unit tests."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from freehold.config import EngineConfig, ModelConfig
+from freehold.engine.engine import Engine
+from freehold.models.llama import LlamaForCausalLM
+from freehold.models.locate import default_model_path
+
+TINY = ModelConfig(architecture="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, rope_theta=10000.0,
+                   name="tiny")
+TINY_EOS = 255
+
+
+def tiny_model(seed: int = 0, cfg: ModelConfig = TINY) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)  # large weights: peaked, well-separated logits
+    return model.eval()
+
+
+def tiny_engine(model: LlamaForCausalLM | None = None, **options) -> Engine:
+    options.setdefault("kv_cache_memory", 64 * TINY.kv_bytes_per_token(torch.float32) * 16)  # 64 blocks
+    return Engine(model or tiny_model(), TINY, [TINY_EOS], EngineConfig(**options))
+
+
+@pytest.fixture(scope="session")
+def default_model_file():
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    from freehold.llm import LLM
+    return LLM(progress=False, kv_cache_memory=256 << 20)
