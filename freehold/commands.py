@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from freehold.errors import InvalidRequestError
+from freehold.quant.modes import WeightMode
 from freehold.types import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -24,7 +25,7 @@ def load_llm(args: argparse.Namespace):
     from freehold.kv.planner import parse_size
     from freehold.llm import LLM
     t0 = time.perf_counter()
-    llm = LLM(args.model, dtype=DTYPES[args.dtype], device=args.device,
+    llm = LLM(args.model, dtype=DTYPES[args.dtype], device=args.device, weights=WeightMode(args.weights),
               kv_cache_memory=parse_size(args.kv_cache_memory))
     print(f"{llm.describe()}\nloaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return llm
@@ -71,7 +72,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.text is not None and not args.text.is_file():
         raise InvalidRequestError(f"text file not found: {args.text}")
     text = args.text.read_text(encoding="utf-8") if args.text else default_text()
-    loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, weights=WeightMode(args.weights))
     ids = Tokenizer.from_model_path(loaded.path).encode(text, add_special_tokens=False)
     t0 = time.perf_counter()
     result = perplexity(loaded.model, ids, args.window, args.max_tokens,

@@ -11,7 +11,8 @@ from freehold.config import EngineConfig
 from freehold.engine.engine import Engine
 from freehold.errors import InvalidRequestError
 from freehold.models.loader import LoadedModel, load_model
-from freehold.text_stream import TextStream
+from freehold.quant.modes import WeightMode
+from freehold.text_stream import TextDelta, TextStream
 from freehold.tokenizer import Tokenizer
 from freehold.types import FinishReason, SamplingParams, TokenLogprob
 
@@ -40,8 +41,9 @@ class Generation:
 
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 engine_config: EngineConfig | None = None, progress: bool = True, **engine_options):
-        self.loaded: LoadedModel = load_model(model, dtype=dtype, device=device, progress=progress)
+                 weights: WeightMode = WeightMode.AUTO, engine_config: EngineConfig | None = None,
+                 progress: bool = True, **engine_options):
+        self.loaded: LoadedModel = load_model(model, dtype=dtype, device=device, progress=progress, weights=weights)
         self.tokenizer = Tokenizer.from_model_path(self.loaded.path)
         config = engine_config or EngineConfig(device=device, dtype=dtype, **engine_options)
         self.engine = Engine(self.loaded.model, self.loaded.config, self.tokenizer.eos_token_ids, config)
@@ -121,7 +123,8 @@ class LLM:
                 self.engine.stop_sequence(request_id, o.index)
                 comp.finish_reason = FinishReason.STOP
             elif o.finish_reason is not None:
-                delta = stream.finish()
+                tail = stream.finish()
+                delta = TextDelta(delta.text + tail.text, tail.stopped)
                 comp.finish_reason = o.finish_reason
             comp.text += delta.text
             if o.index == 0:

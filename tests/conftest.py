@@ -36,5 +36,7 @@ def default_model_file():
 
 @pytest.fixture(scope="session")
 def default_llm():
+    """fp32 weights: the reference-parity configuration (quantized kernels are tested in tests/unit/test_quant*)."""
     from freehold.llm import LLM
-    return LLM(progress=False, kv_cache_memory=256 << 20)
+    from freehold.quant.modes import WeightMode
+    return LLM(progress=False, kv_cache_memory=256 << 20, weights=WeightMode.FP32)

@@ -68,6 +68,8 @@ class Engine:
         seqs = [Sequence(request_id, i, list(prompt_token_ids), params, next(self._arrivals),
                          make_generator(None if params.seed is None else params.seed + i, self.device))
                 for i in range(params.n)]
+        for sibling in seqs[1:]:
+            sibling.parent = seqs[0]
         self.requests[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)

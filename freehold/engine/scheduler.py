@@ -114,6 +114,8 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, budget: int) -> ScheduledChunk | None:
         """Reuse cached prefix blocks, then allocate blocks for the first chunk; None if it does not fit."""
+        if seq.waits_for_parent and self.pool.enable_prefix_caching:
+            return None
         bs = self.pool.block_size
         seq.update_block_keys(bs)
         max_hit_blocks = (seq.num_tokens - 1) // bs  # always compute at least the last token

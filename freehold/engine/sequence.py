@@ -24,6 +24,7 @@ class Sequence:
     params: SamplingParams
     arrival: int  # FIFO order
     generator: torch.Generator | None = None
+    parent: Sequence | None = None  # completion 0 of the same request: siblings wait for its prompt KV, then share it
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
@@ -47,6 +48,12 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def waits_for_parent(self) -> bool:
+        """A sibling starts once the parent's prompt blocks are computed, so it reuses them from the prefix cache."""
+        p = self.parent
+        return p is not None and not p.finished and p.num_computed_tokens < len(p.prompt_token_ids)
 
     @property
     def finished(self) -> bool:

@@ -14,6 +14,8 @@ from freehold.models.gguf_loader import GGUFModel, load_gguf
 from freehold.models.hf_loader import read_hf_config, read_safetensors
 from freehold.models.llama import LlamaForCausalLM
 from freehold.models.locate import resolve_model_path
+from freehold.quant.convert import PackedWeight, as_float, pack_weight, swap_modules
+from freehold.quant.modes import WeightFormat, WeightMode, check_float_mode, weight_format
 
 
 @dataclass
@@ -32,15 +34,17 @@ class LoadedModel:
         return total
 
 
-def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device,
-           freq_factors: torch.Tensor | None) -> LlamaForCausalLM:
+def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], packed: dict[str, PackedWeight],
+           device: torch.device, freq_factors: torch.Tensor | None) -> LlamaForCausalLM:
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    missing = [k for k in model.state_dict() if k not in state and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    swap_modules(model, packed)  # packed layers hold their data already; everything else waits on meta for `state`
+    missing = [k for k, v in model.state_dict().items()
+               if v.is_meta and k not in state and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if missing:
         raise ModelLoadError(f"model file lacks tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and isinstance(model.lm_head, torch.nn.Linear):  # a packed head is tied already
         model.lm_head.weight = model.model.embed_tokens.weight
     with torch.device(device):
         from freehold.layers.rotary import RotaryEmbedding
@@ -50,17 +54,24 @@ def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.devic
 
 
 def load_model(model: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               progress: bool = True) -> LoadedModel:
-    """Dequantize every weight into `dtype` on `device` (native quantized weights: freehold.quant)."""
+               progress: bool = True, weights: WeightMode = WeightMode.AUTO) -> LoadedModel:
+    """Load onto `device`; activations and float weights use `dtype`. `weights` picks which matrices stay packed
+    (freehold.quant): AUTO keeps a GGUF's own quantization (Q4_0/Q4_1 -> int4, Q8_0 -> int8) and leaves float
+    files float; INT8 / INT4 quantize on load; FP32 / BF16 dequantize every weight (and must match `dtype`)."""
+    check_float_mode(weights, dtype)
     path = resolve_model_path(model)
     gguf = None
     if path.is_file():
         gguf = load_gguf(path)
-        cfg, freq_factors = gguf.config, gguf.rope_freq_factors
-        items = tqdm(gguf.tensors.items(), desc=f"loading {path.name}", unit="tensor",
-                     disable=not progress, file=sys.stderr)
-        state = {name: t.dequantize(dtype) for name, t in items}
+        cfg, freq_factors, sources = gguf.config, gguf.rope_freq_factors, gguf.tensors
     else:
-        cfg, freq_factors = read_hf_config(path), None
-        state = {k: v.to(dtype) for k, v in read_safetensors(path).items()}
-    return LoadedModel(_build(cfg, state, torch.device(device), freq_factors), cfg, path, gguf)
+        cfg, freq_factors, sources = read_hf_config(path), None, read_safetensors(path)
+    state, packed = {}, {}
+    for name, t in tqdm(sources.items(), desc=f"loading {path.name}", unit="tensor", disable=not progress,
+                        file=sys.stderr):
+        fmt = weight_format(name, t, weights, cfg.tie_word_embeddings)
+        if fmt is WeightFormat.FLOAT:
+            state[name] = as_float(t, dtype)
+        else:
+            packed[name] = pack_weight(t, fmt, device)
+    return LoadedModel(_build(cfg, state, packed, torch.device(device), freq_factors), cfg, path, gguf)

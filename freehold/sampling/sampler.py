@@ -9,7 +9,7 @@ Order of operations (vLLM's):
     6. greedy rows (temperature 0)   argmax of the result of 1-5; they skip 7-11
     7. temperature                   l / T
     8. top-k   9. top-p   10. min-p  (see transforms.py)
-    11. draw                         exponential race: argmax(p / q), q ~ Exp(1) from the row's generator
+    11. draw                         inverse CDF with one uniform per row from the row's generator
 
 Logprobs are log_softmax of the RAW model logits (before any of the above), as OpenAI and vLLM report them.
 
@@ -29,8 +29,9 @@ import torch
 from freehold.errors import InvalidRequestError
 from freehold.sampling.penalties import (apply_allowed_mask, apply_logit_bias, apply_presence_frequency_penalties,
                                          apply_repetition_penalty, count_tokens, mask_tokens)
-from freehold.sampling.transforms import (apply_min_p, apply_temperature, apply_top_k_top_p,
-                                          draw_exponential_race, is_greedy_temperature)
+from freehold.sampling.transforms import (CANDIDATES, apply_min_p, apply_temperature, apply_top_k_top_p,
+                                          draw_inverse_cdf, is_greedy_temperature,
+                                          top_k_top_p_candidates)
 from freehold.types import SamplingParams, TokenLogprob
 
 
@@ -78,6 +79,7 @@ class Sampler:
         self.vocab_size = vocab_size
         self.device = _canonical_device(torch.device(device))
         self.eos_token_ids = tuple(eos_token_ids)
+        self.max_candidates = 4096  # above this many top-k candidates a full sort is as cheap
         self.generator = torch.Generator(device=self.device)
         if seed is None:
             self.generator.seed()
@@ -176,26 +178,35 @@ class Sampler:
         if any(p.top_p < 1.0 for p in sampled):
             top_p = self._float([1.0 if g else r.params.top_p for r, g in zip(rows, greedy)])
         if top_k is not None or top_p is not None:
-            scaled = apply_top_k_top_p(scaled, top_k, top_p)
+            scaled = self._filter_top_k_top_p(scaled, top_k, top_p)
         if any(p.min_p > 0.0 for p in sampled):
             scaled = apply_min_p(scaled, self._float([0.0 if g else r.params.min_p for r, g in zip(rows, greedy)]))
-        tokens = draw_exponential_race(scaled, self._exponential_noise(rows, greedy))
+        tokens = draw_inverse_cdf(scaled, self._uniforms(rows, greedy))
         if any(greedy):
             tokens = torch.where(torch.tensor(greedy, device=logits.device), logits.argmax(dim=-1), tokens)
         return tokens
 
-    def _exponential_noise(self, rows: Sequence[SamplingRow], greedy: list[bool]) -> torch.Tensor:
-        """q ~ Exp(1) [B, V]: seeded rows from their own generator (one [V] draw each, so the row's stream
-        does not depend on the batch), unseeded rows in one draw from the shared generator, greedy rows 1."""
-        noise = torch.ones(len(rows), self.vocab_size, device=self.device)
+    def _filter_top_k_top_p(self, logits: torch.Tensor, top_k: torch.Tensor | None,
+                            top_p: torch.Tensor | None) -> torch.Tensor:
+        """Top-K candidates when they provably hold every kept token, else a full sort (same result)."""
+        k = top_k if top_k is not None else self._long([self.vocab_size] * logits.shape[0])
+        p = top_p if top_p is not None else self._float([1.0] * logits.shape[0])
+        k_set = [v for v in k.tolist() if v < self.vocab_size]
+        num = max([*k_set, CANDIDATES if top_p is not None else 1])
+        fast = top_k_top_p_candidates(logits, k, p, num) if num <= self.max_candidates else None
+        return fast if fast is not None else apply_top_k_top_p(logits, top_k, top_p)
+
+    def _uniforms(self, rows: Sequence[SamplingRow], greedy: list[bool]) -> torch.Tensor:
+        """u ~ U[0, 1) [B]: one draw per row per step, seeded rows from their own generator (so the row's
+        stream does not depend on the batch), unseeded rows in one draw from the shared generator."""
+        u = torch.zeros(len(rows), device=self.device)
         shared = [i for i, (r, g) in enumerate(zip(rows, greedy)) if not g and r.generator is None]
         if shared:
-            noise[shared] = torch.empty(len(shared), self.vocab_size, device=self.device).exponential_(
-                generator=self.generator)
+            u[shared] = torch.rand(len(shared), device=self.device, generator=self.generator)
         for i, (r, g) in enumerate(zip(rows, greedy)):
             if not g and r.generator is not None:
-                noise[i] = torch.empty(self.vocab_size, device=self.device).exponential_(generator=r.generator)
-        return noise
+                u[i] = torch.rand(1, device=self.device, generator=r.generator)[0]
+        return u
 
     def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor,
                   rows: Sequence[SamplingRow]) -> list[TokenLogprob | None]:

@@ -3,12 +3,15 @@
 Pure tensor functions over logits [B, V] with per-row parameter tensors [B]. A filtered-out token gets
 logit -inf, so softmax gives it probability exactly 0 and the draw can never pick it.
 
-The draw is the exponential race (the Gumbel-max trick in another form): with q_i ~ Exponential(1) iid,
-    token = argmax_i p_i / q_i    =>    P(token = i) = p_i
-because q_i / p_i ~ Exponential(rate p_i) and the first of independent exponential clocks to ring is
-clock i with probability p_i / sum_j p_j. It is computed in log space, argmax_i (l_i - log q_i), which is
-the same argmax (log p_i = l_i - logsumexp(l)) and needs no softmax. Each row's noise q comes from that
-row's own generator, so a seeded row draws the same token whatever else shares its batch.
+The draw is inverse-CDF sampling with one uniform per row: with c_i = sum_{j<=i} p_j and u ~ U[0, 1),
+    token = the first i with c_i > u * c_V    =>    P(token = i) = (c_i - c_{i-1}) / c_V = p_i
+The cumulative sum is taken in float64 so the rounding of 10^5 small terms cannot bias the draw. Each row's
+u comes from that row's own generator, so a seeded row draws the same token whatever else shares its batch.
+
+top-k and top-p need the most likely tokens in order. Instead of sorting the whole vocabulary, the sampler
+takes the top K candidates (K = the largest top_k, or CANDIDATES for top-p); that is exact whenever the
+candidates hold every kept token: always for top-k, and for top-p when the candidates' mass reaches p.
+Otherwise it falls back to a full sort (`apply_top_k_top_p`).
 
 `transform_probs` is the analytic distribution the sampler draws from, for tests and the inspect tool.
 """
@@ -55,11 +58,43 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, NEG_INF)
 
 
-def draw_exponential_race(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """token_b = argmax_i (l_bi - log q_bi), q ~ Exponential(1) [B, V]; see the module docstring.
-    q is clamped away from 0 so log q is finite and a -inf logit can never win."""
-    q = noise.clamp(min=torch.finfo(noise.dtype).tiny)
-    return (logits - q.log()).argmax(dim=-1)
+CANDIDATES = 256  # top-p works on this many most likely tokens when they hold enough mass
+
+
+def top_k_top_p_candidates(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                           num_candidates: int) -> torch.Tensor | None:
+    """The same filter as `apply_top_k_top_p` computed on the top `num_candidates` logits only
+    (top_k: long [B] in [1, V], V meaning off; top_p: [B], 1.0 meaning off). None when some row's top-p set
+    may reach past the candidates (then the caller sorts everything).
+    In descending order token j is kept by top-p iff the mass strictly before it is < p, where the mass is
+    normalized over the top-k set (top-k applies first)."""
+    vocab_size = logits.shape[1]
+    values, index = logits.topk(min(num_candidates, vocab_size), dim=-1)  # [B, K] descending
+    position = torch.arange(values.shape[1], device=logits.device).unsqueeze(0)
+    k_kept = position < top_k.unsqueeze(1)
+    k_active = top_k < vocab_size
+    full_lse = logits.logsumexp(dim=-1)  # normalizer over the whole vocabulary (rows without top-k)
+    kept_values = values.masked_fill(~k_kept, NEG_INF)
+    lse = torch.where(k_active, kept_values.logsumexp(dim=-1), full_lse)
+    mass = (kept_values - lse.unsqueeze(1)).exp().cumsum(dim=-1)  # mass up to and including j
+    p_active = top_p < 1.0
+    covered = ~p_active | k_active & (top_k <= values.shape[1]) | (mass[:, -1] >= top_p)
+    if not bool(covered.all()) or bool((k_active & (top_k > values.shape[1])).any()):
+        return None
+    before = mass - (kept_values - lse.unsqueeze(1)).exp()
+    p_kept = ~p_active.unsqueeze(1) | (before < top_p.unsqueeze(1))
+    p_kept[:, 0] = True
+    kept = k_kept & p_kept
+    out = torch.full_like(logits, NEG_INF).scatter_(1, index, values.masked_fill(~kept, NEG_INF))
+    return torch.where((k_active | p_active).unsqueeze(1), out, logits)  # unfiltered rows keep every token
+
+
+def draw_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """token_b = first i with cumsum(p_b)_i > u_b * sum(p_b), u: [B] in [0, 1); see the module docstring."""
+    cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)
+    target = (uniforms.double() * cdf[:, -1]).unsqueeze(1)
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return tokens.clamp(max=logits.shape[1] - 1)
 
 
 def transform_probs(logits_1d: torch.Tensor, temperature: float, top_k: int | None = None,

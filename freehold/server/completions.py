@@ -17,10 +17,10 @@ from freehold.engine.async_engine import EngineDeadError
 from freehold.errors import FreeholdError
 from freehold.server.errors import error_body, freehold_error_body
 from freehold.server.logprobs import completion_logprobs
-from freehold.server.params import check_supported, completion_prompts, sampling_params
+from freehold.server.params import check_num_choices, check_supported, completion_prompts, sampling_params
 from freehold.server.protocol import (Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
                                       ErrorResponse, Usage)
-from freehold.server.serving import Choice, ChoiceDelta, Serving, UsageTally, check_num_choices
+from freehold.server.serving import Choice, ChoiceDelta, Serving, UsageTally
 from freehold.server.streaming import DONE, EventStreamResponse, merge, sse, until_disconnected
 from freehold.types import SamplingParams
 
@@ -45,7 +45,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     serving.check_model(body.model)
     check_supported(body)
     prompts = completion_prompts(body)
-    check_num_choices(len(prompts), body.n or 1)
+    check_num_choices(len(prompts), body.n)
     prompt_ids = await serving.encode_prompts(prompts)
     params: list[SamplingParams] = []
     for ids in prompt_ids:

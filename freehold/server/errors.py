@@ -44,9 +44,8 @@ class QueueFullError(APIError):
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    error = ErrorDetail(message=message, type=_TYPES.get(status, "server_error" if status >= 500 else
-                                                             "invalid_request_error"), param=param, code=code)
-    return ErrorResponse(error=error).model_dump()
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=code)).model_dump()
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -87,7 +86,7 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     elif exc.status_code == 405:
         message = f"method {request.method} is not allowed on {request.url.path}"
     elif exc.status_code == 400 and exc.detail == "There was an error parsing the body":
-        message = "the request body is not valid JSON in UTF-8"
+        message = "the request body could not be parsed: not UTF-8, or JSON nested too deeply"
     else:
         message = str(exc.detail)
     return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
@@ -121,7 +120,8 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str |
     loc = [part for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
         reason = first.get("ctx", {}).get("error", "malformed JSON")
-        return f"the request body is not valid JSON: {reason}", None
+        where = f" at character {loc[0]}" if loc and isinstance(loc[0], int) else ""
+        return f"the request body is not valid JSON: {reason}{where}", None
     if not loc:
         if first.get("type") == "missing":
             return "the request body is missing: send a JSON object with Content-Type: application/json", None

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import uvicorn
 
+from freehold.quant.modes import WeightMode
 from freehold.engine.async_engine import AsyncEngine
 from freehold.errors import FreeholdError
 from freehold.models.locate import DEFAULT_MODEL_NAME
@@ -57,6 +58,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"require 'Authorization: Bearer KEY' on /v1 and /admin (or set {API_KEY_ENV})")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default: float32)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--weights", choices=[m.value for m in WeightMode], default="auto",
+                        help="auto keeps a GGUF's own quantization (int4/int8 kernels); fp32/bf16 dequantize; "
+                             "fp32 is the batch-invariant, reference-exact choice")
     parser.add_argument("--kv-cache-memory", type=parse_size, default=None,
                         help="KV cache size in bytes, e.g. 512M or 2G (default: a fraction of free memory)")
     parser.add_argument("--max-num-seqs", type=_positive_int, default=None, help="sequences per step")
@@ -121,7 +125,8 @@ def _load(args: argparse.Namespace):
     options = {k: v for k, v in options.items() if v is not None}
     if args.no_prefix_cache:
         options["enable_prefix_caching"] = False
-    return LLM(args.model, dtype=DTYPES[args.dtype], device=args.device, progress=sys.stderr.isatty(), **options)
+    return LLM(args.model, dtype=DTYPES[args.dtype], device=args.device, weights=WeightMode(args.weights),
+               progress=sys.stderr.isatty(), **options)
 
 
 def _default_name(model: str | None) -> str:

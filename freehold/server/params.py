@@ -7,18 +7,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from freehold.errors import InvalidRequestError, PromptTooLongError
-from freehold.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from freehold.errors import InvalidRequestError
+from freehold.server.errors import APIError
+from freehold.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields,
+                                      unsupported_fields)
 from freehold.types import SamplingParams
 
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 64
 _SEED_RANGE = (-(2**63), 2**63 - 1)
 _NEUTRAL = {"tool_choice": ("none",), "response_format": ({"type": "text"},)}
 
 
 def check_supported(request: SamplingFields) -> None:
     """400 for any OpenAI field Freehold does not implement, unless it holds a value that asks for nothing."""
-    for name in _unsupported_fields(type(request)):
+    for name in unsupported_fields(type(request)):
         _reject_if_set(name, getattr(request, name), name)
     if isinstance(request, ChatCompletionRequest):
         for i, message in enumerate(request.messages):
@@ -35,9 +38,11 @@ def chat_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
     if not request.messages:
         raise InvalidRequestError("messages must contain at least one message", param="messages")
     out = []
-    for m in request.messages:
-        content = m.content if isinstance(m.content, str) else [{"type": "text", "text": p.text or ""}
-                                                                for p in m.content]
+    for i, m in enumerate(request.messages):
+        texts = [m.content] if isinstance(m.content, str) else [p.text or "" for p in m.content]
+        for text in texts:
+            _check_text(text, f"messages[{i}].content")
+        content = m.content if isinstance(m.content, str) else [{"type": "text", "text": t} for t in texts]
         out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     return out
 
@@ -46,12 +51,23 @@ def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
     """The prompt field as a list of prompts, each a string or a list of token ids."""
     prompt = request.prompt
     if isinstance(prompt, str):
+        _check_text(prompt, "prompt")
         return [prompt]
     if not prompt:
         raise InvalidRequestError("prompt must not be an empty list", param="prompt")
     if isinstance(prompt[0], int):
         return [list(prompt)]
+    for p in prompt:
+        if isinstance(p, str):
+            _check_text(p, "prompt")
     return list(prompt)
+
+
+def check_num_choices(num_prompts: int, n: int | None) -> None:
+    """Bound the work one completions request can ask for: prompts x n choices."""
+    if num_prompts * (n or 1) > MAX_CHOICES:
+        raise InvalidRequestError(f"{num_prompts} prompts x n={n} is more than {MAX_CHOICES} choices in one request",
+                                  param="prompt")
 
 
 def sampling_params(request: ChatCompletionRequest | CompletionRequest, num_prompt_tokens: int,
@@ -62,11 +78,21 @@ def sampling_params(request: ChatCompletionRequest | CompletionRequest, num_prom
     if max_tokens is None:
         max_tokens = max(room, 1)  # a prompt that fills the context is rejected by the engine's check
     elif max_tokens > room > 0:
-        raise PromptTooLongError(
-            f"this model's context is {max_model_len} tokens, but {num_prompt_tokens + max_tokens} were requested "
-            f"({num_prompt_tokens} in the prompt, {max_tokens} in {max_tokens_param}); lower {max_tokens_param} "
-            f"to at most {room}", num_prompt_tokens + max_tokens, max_model_len)
-    r = request
+        raise APIError(
+            400, f"this model's context is {max_model_len} tokens, but {num_prompt_tokens + max_tokens} were "
+            f"requested ({num_prompt_tokens} in the prompt, {max_tokens} in {max_tokens_param}); lower "
+            f"{max_tokens_param} to at most {room}", param=max_tokens_param, code="context_length_exceeded")
+    try:
+        return _make_params(request, max_tokens)
+    except InvalidRequestError as exc:  # name the field as this endpoint spells it
+        renamed = {"max_tokens": max_tokens_param}
+        if isinstance(request, ChatCompletionRequest):
+            renamed["logprobs"] = "top_logprobs"
+        raise InvalidRequestError(str(exc), param=renamed.get(exc.param or "", exc.param)) from exc
+
+
+# ---- private ------------------------------------------------------------------------------------------------------
+def _make_params(r: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
         min_tokens=_default(r.min_tokens, 0),
@@ -86,12 +112,6 @@ def sampling_params(request: ChatCompletionRequest | CompletionRequest, num_prom
     )
 
 
-# ---- private ------------------------------------------------------------------------------------------------------
-def _unsupported_fields(model: type) -> list[str]:
-    return [name for name, field in model.model_fields.items()
-            if field.description and field.description.startswith("Not supported")]
-
-
 def _reject_if_set(name: str, value: Any, param: str) -> None:
     neutral = value is None or value is False or value == [] or value == {} or value in _NEUTRAL.get(name, ())
     if not neutral:
@@ -99,7 +119,7 @@ def _reject_if_set(name: str, value: Any, param: str) -> None:
 
 
 def _check_message(message: ChatMessage, where: str) -> None:
-    for name in _unsupported_fields(ChatMessage):
+    for name in unsupported_fields(ChatMessage):
         _reject_if_set(name, getattr(message, name), f"{where}.{name}")
     if isinstance(message.content, list):
         for j, part in enumerate(message.content):
@@ -138,7 +158,18 @@ def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOP_STRINGS:
         raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", param="stop")
+    for s in stops:
+        _check_text(s, "stop")
     return tuple(s for s in stops if s)
+
+
+def _check_text(text: str, param: str) -> None:
+    """JSON's \\uXXXX escapes can smuggle lone surrogates, which are not text and cannot be tokenized."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(f"{param} contains an unpaired surrogate (\\u{ord(text[exc.start]):04x}) at "
+                                  f"character {exc.start}: not valid Unicode text", param=param) from None
 
 
 def _logprobs(request: ChatCompletionRequest | CompletionRequest) -> int | None:

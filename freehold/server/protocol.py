@@ -17,8 +17,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+_UNSUPPORTED_MARK = "x-freehold-unsupported"
+
+
 def _unsupported() -> Any:
-    return Field(None, description=UNSUPPORTED)
+    return Field(None, description=UNSUPPORTED, json_schema_extra={_UNSUPPORTED_MARK: True})
+
+
+def unsupported_fields(model: type[BaseModel]) -> tuple[str, ...]:
+    """The OpenAI fields of `model` that Freehold declares only to reject them."""
+    return tuple(name for name, f in model.model_fields.items()
+                 if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get(_UNSUPPORTED_MARK))
 
 
 # ---- requests -----------------------------------------------------------------------------------------------------

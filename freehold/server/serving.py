@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 from freehold.engine.async_engine import AsyncEngine
-from freehold.errors import InvalidRequestError
 from freehold.server.errors import APIError, QueueFullError
 from freehold.server.metrics import ServerMetrics
 from freehold.server.protocol import PromptTokensDetails, Usage
 from freehold.text_stream import TextStream
 from freehold.tokenizer import Tokenizer
-from freehold.types import CompletionOutput, FinishReason, SamplingParams, TokenLogprob
+from freehold.types import CompletionOutput, FinishReason, RequestOutput, SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -98,41 +97,26 @@ class Serving:
     async def run(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tally: UsageTally,
                   index_offset: int = 0) -> AsyncIterator[list[ChoiceDelta]]:
         """One engine request (params.n completions) as lists of per-choice deltas, until every completion ends."""
-        streams = [TextStream(self.tokenizer, params.stop) for _ in range(params.n)]
-        finished: dict[int, FinishReason] = {}
-        start = time.perf_counter()
-        last_token_at: list[float | None] = [None] * params.n
+        progress = _Progress(request_id, index_offset, [TextStream(self.tokenizer, params.stop)
+                                                        for _ in range(params.n)], tally)
         self.num_pending += 1
-        started = False
         tally.prompt_tokens += len(prompt_ids)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         try:
             async with aclosing(self.engine.generate(request_id, prompt_ids, params)) as outputs:
                 async for out in outputs:
-                    now = time.perf_counter()
-                    if not started:
-                        started = True
-                        self.num_pending -= 1
-                        tally.cached_tokens += out.num_cached_tokens
-                        self.metrics.time_to_first_token.observe(now - start)
-                    deltas = []
-                    for o in out.outputs:
-                        if o.index in finished:
-                            continue  # ended by a stop string; the engine may still report a token in flight
-                        self._record_tokens(o, now, last_token_at, tally)
-                        delta = self._absorb(request_id, o, streams[o.index], index_offset)
-                        if delta.finish_reason is not None:
-                            finished[o.index] = delta.finish_reason
-                        if delta.text or delta.logprobs or delta.finish_reason is not None:
-                            deltas.append(delta)
+                    if progress.first_token_at is None:
+                        self._on_first_output(progress, out)
+                    deltas = [self._absorb(progress, o) for o in out.outputs if o.index not in progress.finished]
+                    deltas = [d for d in deltas if d.text or d.logprobs or d.finish_reason is not None]
                     if deltas:
                         yield deltas
-                    if len(finished) == params.n:
-                        break
+                    if len(progress.finished) == params.n:
+                        break  # every completion ended (a stop string may end one before the engine reports it)
         finally:
-            if not started:
+            if progress.first_token_at is None:
                 self.num_pending -= 1
-            self._record_finish(finished, params.n, start)
+            self._record_finish(progress, params.n)
 
     async def collect(self, deltas: AsyncIterator[list[ChoiceDelta]], num_choices: int) -> list[Choice]:
         choices = [Choice(i) for i in range(num_choices)]
@@ -146,38 +130,58 @@ class Serving:
         return choices
 
     # -- private --------------------------------------------------------------------------------------------
-    def _absorb(self, request_id: str, out: CompletionOutput, stream: TextStream, index_offset: int) -> ChoiceDelta:
+    def _on_first_output(self, progress: _Progress, out: RequestOutput) -> None:
+        progress.first_token_at = time.perf_counter()
+        self.num_pending -= 1
+        progress.tally.cached_tokens += out.num_cached_tokens
+        self.metrics.time_to_first_token.observe(progress.first_token_at - progress.start)
+
+    def _absorb(self, progress: _Progress, out: CompletionOutput) -> ChoiceDelta:
+        """Detokenize one completion's new tokens; a stop string ends that completion in the engine too."""
+        self._record_tokens(progress, out)
+        stream = progress.streams[out.index]
         pushed = stream.push(out.token_ids)
         text, reason = pushed.text, None
         if pushed.stopped:
-            self.engine.stop_sequence(request_id, out.index)
+            self.engine.stop_sequence(progress.request_id, out.index)
             reason = FinishReason.STOP
         elif out.finish_reason is not None:
             tail = stream.finish()
             text += tail.text
             reason = FinishReason.STOP if tail.stopped else out.finish_reason
-        return ChoiceDelta(index_offset + out.index, text, list(out.logprobs or []), reason)
+        if reason is not None:
+            progress.finished[out.index] = reason
+        return ChoiceDelta(progress.index_offset + out.index, text, list(out.logprobs or []), reason)
 
-    def _record_tokens(self, out: CompletionOutput, now: float, last_token_at: list[float | None],
-                       tally: UsageTally) -> None:
+    def _record_tokens(self, progress: _Progress, out: CompletionOutput) -> None:
         if not out.token_ids:
             return
-        tally.completion_tokens += len(out.token_ids)
+        now = time.perf_counter()
+        progress.tally.completion_tokens += len(out.token_ids)
         self.metrics.generation_tokens.inc(len(out.token_ids))
-        previous = last_token_at[out.index]
+        previous = progress.last_token_at.get(out.index)
         if previous is not None:
             self.metrics.inter_token_latency.observe((now - previous) / len(out.token_ids))
-        last_token_at[out.index] = now
+        progress.last_token_at[out.index] = now
 
-    def _record_finish(self, finished: dict[int, FinishReason], n: int, start: float) -> None:
-        for reason in finished.values():
+    def _record_finish(self, progress: _Progress, n: int) -> None:
+        for reason in progress.finished.values():
             self.metrics.requests.labels(reason.value).inc()
-        if len(finished) < n:
-            self.metrics.requests.labels(FinishReason.ABORT.value).inc(n - len(finished))
+        if len(progress.finished) < n:
+            self.metrics.requests.labels(FinishReason.ABORT.value).inc(n - len(progress.finished))
         else:
-            self.metrics.request_latency.observe(time.perf_counter() - start)
+            self.metrics.request_latency.observe(time.perf_counter() - progress.start)
 
 
-def check_num_choices(num_prompts: int, n: int, limit: int = 64) -> None:
-    if num_prompts * n > limit:
-        raise InvalidRequestError(f"{num_prompts} prompts x n={n} is more than {limit} choices", param="prompt")
+@dataclass
+class _Progress:
+    """Where one engine request stands in the HTTP layer."""
+
+    request_id: str
+    index_offset: int
+    streams: list[TextStream]  # one per completion
+    tally: UsageTally
+    finished: dict[int, FinishReason] = field(default_factory=dict)
+    start: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    last_token_at: dict[int, float] = field(default_factory=dict)

@@ -182,3 +182,19 @@ def test_seeded_request_same_alone_and_in_batch():
     other = tiny_engine(model)
     other.add_request("s", [1, 2, 3], SamplingParams(max_tokens=12, temperature=1.0, seed=43))
     assert run_to_end(other)["s"][0] != solo
+
+
+def test_n_completions_share_the_prompt_blocks():
+    engine = tiny_engine()
+    prompt = list(range(1, 70))  # 4 full blocks + 5 tokens
+    engine.add_request("n", prompt, SamplingParams(max_tokens=6, temperature=1.0, n=3, seed=11))
+    outs = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            for c in o.outputs:
+                outs.setdefault(c.index, []).extend(c.token_ids)
+        engine.check_integrity()
+    assert sorted(outs) == [0, 1, 2] and all(len(t) == 6 for t in outs.values())
+    assert len({tuple(t) for t in outs.values()}) > 1  # different seeds per completion
+    # the two siblings found the parent's 4 full prompt blocks in the cache
+    assert engine.pool.num_hits == 2 * 64

@@ -192,3 +192,22 @@ def test_check_params_rejects_out_of_vocab_ids():
         sampler.check_params(SamplingParams(logit_bias={10: 1.0}))
     with pytest.raises(InvalidRequestError, match="stop_token_ids"):
         sampler.check_params(SamplingParams(stop_token_ids=(-1,)))
+
+
+def test_candidate_filter_equals_full_sort_filter():
+    """The top-K candidate shortcut gives exactly the full-sort filter, or declines (None) when top-p might
+    reach past the candidates; rows without a filter keep every token."""
+    from freehold.sampling.transforms import apply_top_k_top_p, top_k_top_p_candidates
+    gen = torch.Generator().manual_seed(0)
+    V = 300
+    logits = torch.randn(6, V, generator=gen) * 3
+    top_k = torch.tensor([V, 5, V, 40, V, 12])
+    top_p = torch.tensor([0.5, 1.0, 0.3, 0.9, 1.0, 0.6])
+    fast = top_k_top_p_candidates(logits, top_k, top_p, 64)
+    assert fast is not None
+    full = apply_top_k_top_p(logits, top_k, top_p)
+    assert torch.equal(torch.isinf(fast), torch.isinf(full))
+    assert torch.equal(fast[~torch.isinf(fast)], full[~torch.isinf(full)])
+    assert not torch.isinf(fast[4]).any()  # no filter on row 4
+    flat = torch.zeros(1, V)  # uniform: top-p 0.9 needs 270 tokens, more than 64 candidates
+    assert top_k_top_p_candidates(flat, torch.tensor([V]), torch.tensor([0.9]), 64) is None

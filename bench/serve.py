@@ -1,0 +1,268 @@
+"""Serving benchmark: an asyncio load generator against Freehold's OpenAI API (streamed /v1/completions).
+
+Workload: `--num-requests` requests per concurrency level (closed loop: `concurrency` requests in flight), each
+with a prompt of 64-512 tokens cut from the pydoc topics text (a different window per request, so the prefix
+cache does not hide prefill) and 64-256 greedy output tokens with ignore_eos. Lengths come from `--seed`.
+
+Per level it reports time to first token and inter-token latency (gaps between streamed text chunks, about one
+token each) at p50/p99, output tokens/s and total time; prints a table and writes JSON (bench/results/serve.json).
+
+    python bench/serve.py --quick                       # starts its own server on a free port
+    python bench/serve.py --url http://127.0.0.1:8000   # against a running server (default model's tokenizer)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+RESULTS_PATH = Path(__file__).resolve().parent / "results" / "serve.json"
+QUICK = {"num_requests": 8, "concurrency": [1, 4], "input_len": (32, 64), "output_len": (16, 32)}
+
+
+@dataclass
+class RequestResult:
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft_s: float | None = None
+    gaps_s: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class LevelReport:
+    concurrency: int
+    num_requests: int
+    num_failed: int
+    total_time_s: float
+    output_tokens: int
+    output_tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    itl_p50_ms: float
+    itl_p99_ms: float
+    mean_prompt_tokens: float
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=None, help="a running server (default: start one on a free port)")
+    parser.add_argument("--model", default=None, help="model for the started server and the prompt tokenizer")
+    parser.add_argument("--served-model-name", default=None, help="`model` field to send (default: ask the server)")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--num-requests", type=int, default=64, help="requests per concurrency level")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels (default: 1,8,32)")
+    parser.add_argument("--input-len", default="64,512", help="prompt tokens, min,max (default: 64,512)")
+    parser.add_argument("--output-len", default="64,256", help="output tokens, min,max (default: 64,256)")
+    parser.add_argument("--seed", type=int, default=0, help="workload seed (lengths and prompt windows)")
+    parser.add_argument("--kv-cache-memory", default=None, help="for the started server, e.g. 1G")
+    parser.add_argument("--max-num-seqs", default=None, help="for the started server")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small run: {QUICK['num_requests']} requests at {QUICK['concurrency']}, "
+                             f"inputs {QUICK['input_len']}, outputs {QUICK['output_len']}")
+    parser.add_argument("--output", type=Path, default=RESULTS_PATH, help=f"JSON results (default: {RESULTS_PATH})")
+
+
+def run(args: argparse.Namespace) -> int:
+    levels, num_requests, input_len, output_len = _workload_shape(args)
+    server = None if args.url else _start_server(args)
+    url = args.url or server[0]
+    try:
+        reports, model = asyncio.run(_bench(url, args, levels, num_requests, input_len, output_len))
+    finally:
+        if server is not None:
+            _stop_server(server[1])
+    _print_table(reports)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"url": url, "model": model, "num_requests": num_requests, "input_len": input_len,
+               "output_len": output_len, "seed": args.seed, "quick": args.quick,
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "levels": [asdict(r) for r in reports]}
+    args.output.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 1 if any(r.num_failed for r in reports) else 0
+
+
+# ---- workload -----------------------------------------------------------------------------------------------------
+def _workload_shape(args: argparse.Namespace) -> tuple[list[int], int, tuple[int, int], tuple[int, int]]:
+    if args.quick:
+        return QUICK["concurrency"], QUICK["num_requests"], QUICK["input_len"], QUICK["output_len"]
+    return ([int(c) for c in args.concurrency.split(",")], args.num_requests, _pair(args.input_len),
+            _pair(args.output_len))
+
+
+def _pair(text: str) -> tuple[int, int]:
+    lo, hi = (int(x) for x in text.split(","))
+    if not 1 <= lo <= hi:
+        raise SystemExit(f"expected min,max with 1 <= min <= max, got {text!r}")
+    return lo, hi
+
+
+def make_prompts(model: str | None, num: int, input_len: tuple[int, int], seed: int) -> list[tuple[str, int]]:
+    """(prompt text, prompt length in tokens) windows of the pydoc topics text."""
+    from pydoc_data.topics import topics
+
+    from freehold.models.locate import resolve_model_path
+    from freehold.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_model_path(resolve_model_path(model))
+    ids = tokenizer.encode("\n\n".join(topics[k] for k in sorted(topics)), add_special_tokens=False)
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(num):
+        length = rng.randint(*input_len)
+        start = rng.randrange(0, len(ids) - length)
+        prompts.append((tokenizer.decode(ids[start:start + length]), length))
+    return prompts
+
+
+# ---- load generation ----------------------------------------------------------------------------------------------
+async def _bench(url: str, args: argparse.Namespace, levels: list[int], num_requests: int,
+                 input_len: tuple[int, int], output_len: tuple[int, int]) -> tuple[list[LevelReport], str]:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=max(levels) + 4)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=3600, limits=limits) as client:
+        model = args.served_model_name or (await client.get("/v1/models")).json()["data"][0]["id"]
+        prompts = await asyncio.to_thread(make_prompts, args.model, num_requests * len(levels), input_len, args.seed)
+        rng = random.Random(args.seed + 1)
+        outputs = [rng.randint(*output_len) for _ in prompts]
+        await _one_request(client, model, "Warm up.", 4)
+        reports = []
+        for i, level in enumerate(levels):
+            batch = slice(i * num_requests, (i + 1) * num_requests)
+            reports.append(await _run_level(client, model, level, prompts[batch], outputs[batch]))
+            print(f"concurrency {level}: {reports[-1].output_tokens_per_s:.1f} output tok/s", file=sys.stderr)
+        return reports, model
+
+
+async def _run_level(client: httpx.AsyncClient, model: str, concurrency: int, prompts: list[tuple[str, int]],
+                     outputs: list[int]) -> LevelReport:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def limited(prompt: str, max_tokens: int) -> RequestResult:
+        async with gate:
+            return await _one_request(client, model, prompt, max_tokens)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(limited(p, n) for (p, _), n in zip(prompts, outputs)))
+    total = time.perf_counter() - start
+    ok = [r for r in results if r.error is None]
+    for r in results:
+        if r.error is not None:
+            print(f"request failed: {r.error}", file=sys.stderr)
+    ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+    gaps = [g for r in ok for g in r.gaps_s]
+    num_out = sum(r.output_tokens for r in ok)
+    return LevelReport(concurrency, len(results), len(results) - len(ok), total, num_out, num_out / total,
+                       _ms(percentile(ttfts, 50)), _ms(percentile(ttfts, 99)), _ms(percentile(gaps, 50)),
+                       _ms(percentile(gaps, 99)), sum(r.prompt_tokens for r in ok) / max(len(ok), 1))
+
+
+async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> RequestResult:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    result = RequestResult()
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                now = time.perf_counter()
+                if "error" in chunk:
+                    result.error = chunk["error"]["message"]
+                if chunk.get("usage"):
+                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                if any(c.get("text") for c in chunk.get("choices", [])):
+                    if result.ttft_s is None:
+                        result.ttft_s = now - start
+                    else:
+                        result.gaps_s.append(now - last)
+                    last = now
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+# ---- reporting ----------------------------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default); NaN when empty."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def _print_table(reports: list[LevelReport]) -> None:
+    header = (f"{'conc':>5} {'reqs':>5} {'fail':>4} {'total s':>8} {'out tok/s':>10} {'TTFT p50':>9} "
+              f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}   (latencies in ms)")
+    print(header)
+    for r in reports:
+        print(f"{r.concurrency:>5} {r.num_requests:>5} {r.num_failed:>4} {r.total_time_s:>8.1f} "
+              f"{r.output_tokens_per_s:>10.1f} {r.ttft_p50_ms:>9.0f} {r.ttft_p99_ms:>9.0f} {r.itl_p50_ms:>8.1f} "
+              f"{r.itl_p99_ms:>8.1f}")
+
+
+# ---- a server of our own ------------------------------------------------------------------------------------------
+def _start_server(args: argparse.Namespace) -> tuple[str, subprocess.Popen]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "freehold.server.main", "--port", str(port)]
+    kv_cache_memory = args.kv_cache_memory or ("512M" if args.quick else None)
+    for flag, value in (("--model", args.model), ("--kv-cache-memory", kv_cache_memory),
+                        ("--max-num-seqs", args.max_num_seqs), ("--api-key", args.api_key)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    process = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return url, process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    process.kill()
+    raise SystemExit("the server did not become healthy within 300 s")
+
+
+def _stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="freehold bench serve", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Freehold: a self-hosted LLM inference server and runtime."""
+from freehold.llm import LLM, Completion, Generation
+from freehold.types import FinishReason, SamplingParams
+
+__all__ = ["LLM", "Completion", "FinishReason", "Generation", "SamplingParams"]

@@ -1,0 +1,69 @@
+"""An int8 KV cache: the `KVCache` API with K and V stored as int8 plus one scale per (token, KV head).
+
+Symmetric absmax over the head dimension, per token and head:
+    scale = max_d |x_d| / 127,   q_d = round(x_d / scale) in [-127, 127],   x_d ~ scale * q_d
+so |x_d - scale * q_d| <= scale / 2 = max_d |x_d| / 254 (plus the fp16 rounding of the scale, relative 2^-11).
+Scales are fp16 (2 bytes). Bytes per token, all layers:
+    num_layers * 2 (K and V) * num_kv_heads * (head_dim * 1 + 2)
+e.g. SmolLM2-135M (30 layers, 3 KV heads, head_dim 64): 11,880 bytes, vs 23,040 in bf16 and 46,080 in fp32.
+`gather` dequantizes into the activation dtype; only the gathered tokens are ever float.
+"""
+from __future__ import annotations
+
+import torch
+
+from freehold.layers.attention import KVCache
+
+SCALE_DTYPE = torch.float16
+
+
+def int8_kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+    scale_bytes = torch.empty((), dtype=SCALE_DTYPE).element_size()
+    return num_layers * 2 * num_kv_heads * (head_dim + scale_bytes)
+
+
+def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, KVH, D] float -> (q int8 [T, KVH, D], scale fp16 [T, KVH])."""
+    scale = (x.float().abs().amax(dim=-1) / 127).to(SCALE_DTYPE)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale)).float()  # an all-zero vector: codes 0, scale 0
+    q = (x.float() / safe[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_heads(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q: [..., KVH, D] int8, scale: [..., KVH] -> [..., KVH, D] in `dtype`."""
+    return (q.to(torch.float32) * scale.to(torch.float32)[..., None]).to(dtype)
+
+
+class Int8KVCache(KVCache):
+    """K and V: int8 [layers, num_blocks, block_size, kv_heads, head_dim]; scales: fp16 [layers, num_blocks,
+    block_size, kv_heads]. A drop-in for `KVCache`: same `write`, `gather`, `num_bytes`, `block_size`."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        super().__init__(num_layers, num_blocks, block_size, num_kv_heads, head_dim, torch.int8, device)
+        self.dtype = dtype  # what `gather` returns
+        scale_shape = (num_layers, num_blocks, block_size, num_kv_heads)
+        self.k_scale = torch.zeros(scale_shape, dtype=SCALE_DTYPE, device=device)
+        self.v_scale = torch.zeros(scale_shape, dtype=SCALE_DTYPE, device=device)
+
+    @property
+    def num_bytes(self) -> int:
+        codes = 2 * self.k.numel() * self.k.element_size()
+        return codes + 2 * self.k_scale.numel() * self.k_scale.element_size()
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [T, KVH, D] quantized into flat slots [T]."""
+        for data, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            q, scale = quantize_heads(x)
+            data[layer].view(-1, *q.shape[1:]).index_copy_(0, slots, q)
+            scales[layer].view(-1, scale.shape[1]).index_copy_(0, slots, scale)
+
+    def gather(self, layer: int, block_tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """block_tables: [..., nb] -> K, V: [..., length, KVH, D] in the activation dtype."""
+        out = []
+        for data, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            q = data[layer][block_tables].flatten(-4, -3)[..., :length, :, :]
+            scale = scales[layer][block_tables].flatten(-3, -2)[..., :length, :]
+            out.append(dequantize_heads(q, scale, self.dtype))
+        return out[0], out[1]

@@ -1,0 +1,117 @@
+"""Fixtures that start the real server (`python -m freehold.server.main`) as a subprocess on a free port.
+
+`server` is shared by the whole session (one model load); `keyed_server` is a second, tiny one with an API key,
+one sequence at a time and a waiting limit of one, for the auth and overload tests.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+MODEL_NAME = "SmolLM2-135M-Instruct"
+API_KEY = "test-key-123"
+STARTUP_TIMEOUT_S = 180
+
+
+@dataclass
+class ServerProcess:
+    url: str  # http://127.0.0.1:PORT
+    process: subprocess.Popen
+    log_path: Path
+    api_key: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def engine_state(self) -> dict:
+        return httpx.get(f"{self.url}/debug/engine", headers=self.headers(), timeout=10).json()
+
+    def wait_idle(self, timeout_s: float = 10.0) -> dict:
+        """Poll the engine until nothing runs, waits or holds KV; returns the last state."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = self.engine_state()
+            idle = (state["num_running"] == 0 and state["num_waiting"] == 0 and state["kv_blocks_used"] == 0
+                    and state["num_pending"] == 0)
+            if idle or time.monotonic() > deadline:
+                return state
+            time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*args: str, api_key: str | None = None) -> ServerProcess:
+    port = free_port()
+    log_path = Path(tempfile.mkstemp(prefix="freehold-server-", suffix=".log")[1])
+    cmd = [sys.executable, "-m", "freehold.server.main", "--port", str(port), *args]
+    env = {k: v for k, v in os.environ.items() if k != "FREEHOLD_API_KEY"}
+    if api_key:
+        cmd += ["--api-key", api_key]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path, api_key)
+    _wait_healthy(server)
+    return server
+
+
+def stop_server(server: ServerProcess) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait(timeout=5)
+    server.log_path.unlink(missing_ok=True)
+
+
+def _wait_healthy(server: ServerProcess) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    server.process.kill()
+    raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{server.log()}")
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerProcess]:
+    # fp32 weights: the configuration whose greedy output does not depend on the batch (docs/architecture.md)
+    s = start_server("--kv-cache-memory", "256M", "--max-model-len", "2048", "--max-num-seqs", "32",
+                     "--weights", "fp32")
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="session")
+def keyed_server() -> Iterator[ServerProcess]:
+    s = start_server("--kv-cache-memory", "64M", "--max-model-len", "1024", "--max-num-seqs", "1",
+                     "--max-waiting", "1", api_key=API_KEY)
+    yield s
+    stop_server(s)

@@ -1,0 +1,68 @@
+"""Int8KVCache: a drop-in for KVCache whose round trip stays within half a quantization step."""
+import pytest
+import torch
+
+from freehold.layers.attention import AttentionMetadata, KVCache, paged_attention
+from freehold.quant.kv_int8 import Int8KVCache, int8_kv_bytes_per_token
+
+LAYERS, BLOCKS, BLOCK, KVH, D = 2, 6, 4, 2, 16
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+def both_caches(dtype=torch.float32):
+    args = (LAYERS, BLOCKS, BLOCK, KVH, D)
+    return KVCache(*args, dtype, "cpu"), Int8KVCache(*args, dtype, "cpu")
+
+
+def test_round_trip_error_is_at_most_half_a_step():
+    ref, cache = both_caches()
+    k = torch.randn(9, KVH, D) * torch.rand(9, KVH, 1) * 10  # per-token, per-head magnitudes
+    v = torch.randn(9, KVH, D)
+    k[3, 1] = 0.0  # an all-zero head vector
+    slots = torch.tensor([4, 5, 6, 7, 8, 9, 10, 11, 12])  # blocks 1, 2 and the first slot of block 3
+    for c in (ref, cache):
+        c.write(1, slots, k, v)
+    table = torch.tensor([1, 2, 3])
+    (k8, v8), (kf, vf) = cache.gather(1, table, 9), ref.gather(1, table, 9)
+    assert k8.dtype == torch.float32 and k8.shape == kf.shape == (9, KVH, D)
+    for got, want in ((k8, kf), (v8, vf)):
+        step = want.abs().amax(-1, keepdim=True) / 127  # one step per (token, head)
+        assert ((got - want).abs() <= step / 2 * (1 + 2 ** -10) + 1e-7).all()
+    assert torch.equal(k8[3, 1], torch.zeros(D))
+    assert not torch.equal(k8, kf)  # it does quantize
+
+
+def test_gather_returns_the_activation_dtype_for_batched_tables():
+    _, cache = both_caches(torch.bfloat16)
+    cache.write(0, torch.arange(8), torch.randn(8, KVH, D), torch.randn(8, KVH, D))
+    k, v = cache.gather(0, torch.tensor([[0, 1], [1, 0]]), 6)
+    assert k.dtype == v.dtype == torch.bfloat16 and k.shape == (2, 6, KVH, D)
+    assert torch.equal(k[0, 4:6], k[1, 0:2])  # block 1 seen from both tables
+
+
+def test_num_bytes_follows_the_per_token_formula():
+    _, cache = both_caches()
+    per_token = int8_kv_bytes_per_token(LAYERS, KVH, D)
+    assert per_token == LAYERS * 2 * KVH * (D + 2)
+    assert cache.num_bytes == per_token * BLOCKS * BLOCK
+    assert int8_kv_bytes_per_token(30, 3, 64) == 11880  # SmolLM2-135M: about half of bf16's 23,040
+
+
+def test_decode_attention_over_int8_cache_matches_float_cache():
+    ref, cache = both_caches()
+    heads, ctx = 4, 7
+    k, v = torch.randn(ctx, KVH, D), torch.randn(ctx, KVH, D)
+    table = torch.tensor([[2, 5]])
+    slots = torch.tensor([8, 9, 10, 11, 20, 21, 22])
+    for c in (ref, cache):
+        c.write(0, slots[:-1], k[:-1], v[:-1])
+    meta = AttentionMetadata(slots[-1:], 1, table, torch.tensor([ctx]), ())
+    q = torch.randn(1, heads, D)
+    out_ref = paged_attention(0, q, k[-1:], v[-1:], ref, meta)
+    out = paged_attention(0, q, k[-1:], v[-1:], cache, meta)
+    torch.testing.assert_close(out, out_ref, atol=0.05, rtol=0.0)
+    assert (out - out_ref).abs().max() > 0  # the int8 cache was really used

@@ -1,0 +1,120 @@
+"""Packed int4 / int8 layers compute what dequantize-then-matmul computes.
+
+Two levels of tolerance: the GGUF -> kernel conversion is checked exactly (fp32 kernel call), the layers are
+checked against an fp32 reference given the bf16 rounding the fast kernels imply (inputs, scales, output).
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize
+
+from freehold.models.gguf_loader import GGUFTensor
+from freehold.quant.convert import pack_weight
+from freehold.quant.int4 import (GROUP_SIZE, Int4Linear, int4_groups_from_gguf, kernel_scales_and_zeros, pack_int4,
+                                 quantize_int4)
+from freehold.quant.int8 import DEQUANT_MIN_TOKENS, Int8Embedding, Int8Linear, quantize_int8
+from freehold.quant.modes import WeightFormat
+
+Q4_0, Q4_1, Q8_0 = GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0
+N, K = 96, 256  # N is not a multiple of 64: exercises the kernel's tail block too
+TOKEN_COUNTS = (1, 5, DEQUANT_MIN_TOKENS + 7)  # decode-sized and prefill-sized batches
+BF16_EPS = 2.0 ** -8  # relative rounding of bf16 (8 significant bits)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+def gguf_tensor(qtype: GGMLQuantizationType, seed: int = 0) -> GGUFTensor:
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((N, K)) * rng.uniform(0.01, 1.0, (N, 1)) + rng.normal(0, 0.05, (N, 1)))
+    return GGUFTensor("w", qtype, (N, K), quantize(w.astype(np.float32), qtype))
+
+
+def within_bf16(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float = 3 * BF16_EPS):
+    """Worst case: |y - ref| <= eps * (|x| |w|^T), the bound for a dot product whose terms are rounded relatively.
+    Typical case: the relative RMS error stays at bf16's rounding (a 1% scale slip fails this)."""
+    err = (y.float() - ref.float()).abs()
+    excess = (err / (eps * (x.abs().float() @ w.abs().float().T) + 1e-6)).max().item()
+    assert excess <= 1.0, f"error {excess:.2f}x the bf16 worst-case bound"
+    rel_rms = (err.pow(2).mean() / ref.float().pow(2).mean()).sqrt().item()
+    assert rel_rms <= 1.5 * BF16_EPS, f"relative RMS error {rel_rms:.2e} > {1.5 * BF16_EPS:.2e}"
+
+
+@pytest.mark.parametrize("qtype", [Q4_0, Q4_1], ids=["Q4_0", "Q4_1"])
+def test_gguf_q4_blocks_convert_to_kernel_format_without_loss(qtype):
+    t = gguf_tensor(qtype)
+    groups = int4_groups_from_gguf(t)
+    assert torch.equal(groups.dequantize(), t.dequantize())  # same codes, scales, mins: bit for bit
+    # the kernel computes (q - 8) * s + z; in fp32 its weights are the GGUF weights to fp32 rounding
+    packed = torch._convert_weight_to_int4pack_for_cpu(groups.codes.to(torch.int32), 1)
+    eye = torch.eye(K)
+    w_kernel = torch._weight_int4pack_mm_for_cpu(eye, packed, GROUP_SIZE, kernel_scales_and_zeros(groups, torch.float32)).T
+    torch.testing.assert_close(w_kernel, t.dequantize(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("source", ["Q4_0", "Q4_1", "float"])
+@pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
+def test_int4_linear_matches_dequantize_then_matmul(source, num_tokens):
+    if source == "float":
+        w = torch.randn(N, K)
+        groups = quantize_int4(w)
+        assert (groups.dequantize() - w).abs().max() <= groups.scales.max() / 2 + 1e-6
+        w = groups.dequantize()
+    else:
+        t = gguf_tensor(GGMLQuantizationType[source])
+        groups, w = int4_groups_from_gguf(t), t.dequantize()  # the GGUF weights are the truth
+    layer = Int4Linear(pack_int4(groups, "cpu"))
+    x = torch.randn(num_tokens, K)
+    y = layer(x)
+    assert y.dtype == torch.float32 and y.shape == (num_tokens, N)
+    within_bf16(y, F.linear(x, w), x, w)
+
+
+def test_int4_linear_bias_and_caller_dtype():
+    groups = quantize_int4(torch.randn(32, 64))
+    bias = torch.randn(32)
+    layer = Int4Linear(pack_int4(groups, "cpu"), bias)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    w = groups.dequantize()
+    within_bf16(y.float() - bias, F.linear(x.float(), w), x, w, eps=4 * BF16_EPS)
+
+
+@pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
+def test_int8_linear_from_float_matches_dequantize_then_matmul(num_tokens):
+    w = torch.randn(N, K) * torch.rand(N, 1)
+    rows = quantize_int8(w)
+    assert ((rows.dequantize() - w).abs() <= rows.scales[:, None] / 2 + 1e-7).all()
+    layer = Int8Linear(rows)
+    x = torch.randn(num_tokens, K)
+    within_bf16(layer(x), F.linear(x, rows.dequantize()), x, rows.dequantize())
+
+
+@pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
+def test_q8_0_becomes_per_channel_int8_within_half_a_step(num_tokens):
+    t = gguf_tensor(Q8_0)
+    rows = pack_weight(t, WeightFormat.INT8, "cpu")
+    exact = t.dequantize()
+    # one scale per row: its largest block is kept exactly, the others re-round by at most half a row step
+    assert ((rows.dequantize() - exact).abs() <= rows.scales[:, None] / 2 + 1e-6).all()
+    x = torch.randn(num_tokens, K)
+    within_bf16(Int8Linear(rows)(x), F.linear(x, rows.dequantize()), x, exact)
+
+
+def test_int8_embedding_dequantizes_only_looked_up_rows_exactly():
+    rows = quantize_int8(torch.randn(50, 16))
+    emb = Int8Embedding(rows)
+    ids = torch.tensor([3, 0, 49, 3])
+    assert torch.equal(emb(ids), rows.dequantize()[ids])
+    assert emb.data.dtype == torch.int8 and not [b for b in emb.buffers() if b.is_floating_point() and b.dim() > 1]
+
+
+def test_int4_rejects_shapes_the_kernel_cannot_take():
+    from freehold.errors import UnsupportedModelError
+    with pytest.raises(UnsupportedModelError, match="K % 32"):
+        pack_int4(quantize_int4(torch.randn(40, 64)), "cpu")
