@@ -11,6 +11,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--weights", default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"])
     p.add_argument("--no-transformers", action="store_true")
 
 
@@ -38,7 +39,8 @@ def transformers_timings(model, prompt: list[int], decode_tokens: int) -> tuple[
 
 def run(args: argparse.Namespace) -> int:
     from freehold.llm import LLM
-    llm = LLM(args.model, progress=False, kv_cache_memory=256 << 20)
+    from freehold.quant.modes import WeightMode
+    llm = LLM(args.model, progress=False, kv_cache_memory=256 << 20, weights=WeightMode(args.weights))
     prompt = pydoc_token_ids(llm.tokenizer)[:args.prompt_tokens]
     systems = [("freehold", lambda: freehold_timings(llm, prompt, args.decode_tokens))]
     if not args.no_transformers:
@@ -54,12 +56,12 @@ def run(args: argparse.Namespace) -> int:
         runs = [fn() for _ in range(args.repeats)]
         prefill, decode = min(r[0] for r in runs), min(r[1] for r in runs)
         best[name] = (args.prompt_tokens / prefill, args.decode_tokens / decode)
-        rows.append([name, str(llm.engine.config.dtype).removeprefix("torch.") if name == "freehold" else "float32",
+        rows.append([name, f"weights {args.weights}" if name == "freehold" else "weights fp32",
                      round(best[name][0], 1), round(best[name][1], 1)])
     if "transformers fp32" in best:
         base = best["transformers fp32"]
-        for row in rows:
-            row += [round(row[2] / base[0], 2), round(row[3] / base[1], 2)]
+        for row, name in zip(rows, best):
+            row += [round(best[name][0] / base[0], 2), round(best[name][1] / base[1], 2)]
         headers = ["system", "weights", "prefill tok/s", "decode tok/s", "prefill x", "decode x"]
     else:
         headers = ["system", "weights", "prefill tok/s", "decode tok/s"]

@@ -64,7 +64,7 @@ def run_transformers(model, work, batch: int) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from freehold.llm import LLM
-    llm = LLM(args.model, progress=False, kv_cache_memory=1 << 30, max_num_seqs=args.max_num_seqs,
+    llm = LLM(args.model, progress=False, kv_cache_memory=3 << 30, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens)
     work = random_workload(pydoc_token_ids(llm.tokenizer), args.num_requests, _range(args.prompt_range),
                            _range(args.output_range), args.seed)

@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-tokens", type=int, default=32768)
     ppl.add_argument("--window", type=int, default=1024)
     _add_model_args(ppl)
+    st = esub.add_parser("structured", help="JSON-schema-constrained generation: compile coverage, validity, cost")
+    st.add_argument("--data", type=Path, required=True,
+                    help="a folder of subsets, each a folder of JSON Schema files (e.g. JSONSchemaBench's data/)")
+    st.add_argument("--subsets", default="Github_easy,Glaiveai2K", help="comma-separated subset folders of --data")
+    st.add_argument("--limit", type=int, default=None, help="the first N schemas of each subset")
+    st.add_argument("--max-tokens", type=int, default=256)
+    st.add_argument("--frequency-penalty", type=float, default=0.0, help="greedy decoding with this penalty")
+    _add_model_args(st)
 
     k = sub.add_parser("kv-plan", help="what fits: KV bytes/token, tokens and concurrent requests for a memory size")
     k.add_argument("model", nargs="?", default=None, help="GGUF, HF dir or config.json (default: the default model)")

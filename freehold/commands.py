@@ -66,6 +66,8 @@ def chat(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    if args.eval_command == "structured":
+        return evaluate_structured(args)
     from freehold.eval.ppl import default_text, perplexity
     from freehold.models.loader import load_model
     from freehold.tokenizer import Tokenizer
@@ -80,6 +82,24 @@ def evaluate(args: argparse.Namespace) -> int:
     print(file=sys.stderr)
     print(f"perplexity {result.perplexity:.4f} over {result.num_predicted} predicted tokens "
           f"({result.num_windows} windows of {args.window}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def evaluate_structured(args: argparse.Namespace) -> int:
+    from bench.common import format_table
+    from freehold.constrain.compiler import ConstraintCompiler
+    from freehold.eval.structured import HEADERS, Settings, evaluate_subset, load_schemas, write_report
+    llm = load_llm(args)
+    compiler = ConstraintCompiler(llm.tokenizer, llm.loaded.config.vocab_size)
+    settings = Settings(args.max_tokens, args.frequency_penalty)
+    rows = []
+    for subset in [s for s in args.subsets.split(",") if s]:
+        cases = load_schemas(args.data / subset, args.limit)
+        print(f"{subset}: {len(cases)} schemas", file=sys.stderr)
+        report, results = evaluate_subset(llm, compiler, subset, cases, settings)
+        write_report(report, results, settings)
+        rows.append(report.row())
+    print(format_table(HEADERS, rows))
     return 0
 
 

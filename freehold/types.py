@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from freehold.constrain.spec import Constraint
 from freehold.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
@@ -18,7 +19,8 @@ class FinishReason(enum.Enum):
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling controls. Order of operations (as vLLM):
-    logit_bias -> penalties (repetition, presence, frequency) -> temperature -> top-k -> top-p -> min-p -> draw."""
+    logit_bias -> penalties (repetition, presence, frequency) -> grammar mask (`constraint`) -> temperature -> top-k
+    -> top-p -> min-p -> draw."""
 
     max_tokens: int = 16
     min_tokens: int = 0
@@ -36,6 +38,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: chosen token plus top-k alternatives
     n: int = 1
+    constraint: Constraint | None = None  # structured output: a compiled grammar the text must match
 
     def __post_init__(self) -> None:
         _check(self.max_tokens >= 1, "max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
@@ -54,6 +57,9 @@ class SamplingParams:
         _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         _check(1 <= self.n <= 16, "n", f"n must be in [1, 16], got {self.n}")
+        _check(self.constraint is None or self.min_tokens == 0, "min_tokens",
+               "min_tokens cannot be combined with a structured output constraint: the grammar decides where "
+               "the output ends")
         for tok, bias in self.logit_bias.items():
             _check(-100.0 <= bias <= 100.0, "logit_bias", f"logit_bias for token {tok} must be in [-100, 100]")
 

@@ -11,6 +11,7 @@ from typing import Sequence as Seq
 import torch
 
 from freehold.config import EngineConfig, ModelConfig
+from freehold.constrain.matcher import BitmaskFiller, GrammarState
 from freehold.engine.memory import KVBudget, plan_kv
 from freehold.engine.runner import ModelRunner
 from freehold.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
@@ -52,6 +53,7 @@ class Engine:
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, cache, self.device)
         self.sampler = Sampler(model_config.vocab_size, self.device, tuple(eos_token_ids), seed=config.seed)
+        self.bitmasks = BitmaskFiller(model_config.vocab_size)
         self.context_len = min(config.max_model_len or model_config.max_position_embeddings,
                                model_config.max_position_embeddings)
         self.max_model_len = min(self.context_len, self.budget.num_tokens)  # one sequence must always fit
@@ -66,7 +68,8 @@ class Engine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self.check_request(prompt_token_ids, params)
         seqs = [Sequence(request_id, i, list(prompt_token_ids), params, next(self._arrivals),
-                         make_generator(None if params.seed is None else params.seed + i, self.device))
+                         make_generator(None if params.seed is None else params.seed + i, self.device),
+                         grammar=GrammarState(params.constraint) if params.constraint is not None else None)
                 for i in range(params.n)]
         for sibling in seqs[1:]:
             sibling.parent = seqs[0]
@@ -87,6 +90,9 @@ class Engine:
                 f"prompt has {n} tokens but {limit} allows {self.max_model_len} tokens "
                 f"(prompt plus at least one generated token)", n, self.max_model_len)
         self.sampler.check_params(params)
+        if params.constraint is not None and params.constraint.vocab_size != self.model_config.vocab_size:
+            raise InvalidRequestError(f"the constraint was compiled for a vocabulary of {params.constraint.vocab_size} "
+                                      f"tokens, the model has {self.model_config.vocab_size}", param="constraint")
 
     def abort_request(self, request_id: str) -> None:
         for seq in self.requests.pop(request_id, []):
@@ -113,7 +119,7 @@ class Engine:
         if batch.empty:
             return []
         logits, sampling_chunks = self.runner.forward(batch.chunks)
-        sampled = self.sampler.sample(logits, [self._sampling_row(c.seq) for c in sampling_chunks])
+        sampled = self.sampler.sample(logits, self._sampling_rows(sampling_chunks))
         return self._update(batch, sampling_chunks, sampled)
 
     def stats(self) -> EngineStats:
@@ -128,8 +134,11 @@ class Engine:
         return self.pool.reset_prefix_cache()
 
     # -- private ------------------------------------------------------------------------------------------
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        return SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator)
+    def _sampling_rows(self, chunks: tuple[ScheduledChunk, ...]) -> list[SamplingRow]:
+        seqs = [c.seq for c in chunks]
+        bitmasks = self.bitmasks.fill([seq.grammar for seq in seqs])
+        return [SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator,
+                            token_bitmask=bitmask) for seq, bitmask in zip(seqs, bitmasks)]
 
     def _update(self, batch: SchedulerOutput, sampling_chunks: tuple[ScheduledChunk, ...],
                 sampled: SamplerOutput) -> list[RequestOutput]:
@@ -140,6 +149,9 @@ class Engine:
         for chunk, token, logprob in zip(sampling_chunks, sampled.token_ids, sampled.logprobs):
             seq = chunk.seq
             seq.output_token_ids.append(token)
+            if seq.grammar is not None:
+                seq.grammar.accept(token)
+                assert seq.grammar.num_accepted == len(seq.output_token_ids), "grammar fed a token twice"
             if logprob is not None:
                 seq.output_logprobs.append(logprob)
             seq.finish_reason = self._finish_reason(seq, token)
@@ -156,6 +168,8 @@ class Engine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         p = seq.params
+        if seq.grammar is not None and seq.grammar.terminated:
+            return FinishReason.STOP  # the grammar is complete and its stop token was drawn (even with ignore_eos)
         if len(seq.output_token_ids) >= p.min_tokens:
             if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
                 return FinishReason.STOP

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from freehold.constrain.matcher import GrammarState
 from freehold.kv.block_pool import BlockKey, block_key
 from freehold.types import FinishReason, SamplingParams, TokenLogprob
 
@@ -36,6 +37,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_keys: list[BlockKey] = field(default_factory=list)  # keys of full blocks of all_token_ids
     num_emitted: int = 0  # output tokens already reported to the caller
+    grammar: GrammarState | None = None  # structured output: follows output_token_ids, one token per step
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -2,7 +2,7 @@
   1. make the quantized state: `pack_weight` turns each chosen tensor into `Int4Packed` or `Int8Rows` on the
      target device (the final layout: nothing larger stays behind);
   2. convert the module: `swap_modules` replaces each `nn.Linear` / `nn.Embedding` by its packed twin.
-`load_model` runs both on the raw file tensors (a packed tensor is never dequantized to a float matrix);
+`load_model` runs both on the raw file tensors, one tensor at a time (Q4_0/Q4_1 blocks are never dequantized);
 `quantize_model` runs both on a model that already holds float weights.
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from freehold.models.gguf_loader import GGUFTensor
-from freehold.quant.int4 import GGUF_INT4_TYPES, Int4Linear, Int4Packed, int4_groups_from_gguf, pack_int4, quantize_int4
+from freehold.quant.int4 import (GGUF_INT4_TYPES, Int4Linear, Int4Packed, int4_groups_from_gguf, pack_int4,
+                                 quantize_int4)
 from freehold.quant.int8 import Int8Embedding, Int8Linear, Int8Rows, quantize_int8
 from freehold.quant.modes import EMBEDDING, WeightFormat, WeightMode, WeightSource, weight_format
 

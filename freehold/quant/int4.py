@@ -1,4 +1,4 @@
-"""Group-wise asymmetric int4 weights, and the linear layer that multiplies by them without unpacking.
+"""Group-wise asymmetric int4 weights, and the linear layer that keeps them packed.
 
 A group is 32 consecutive input columns of one output row; each weight is a 4-bit code q in [0, 15]:
     w = scale * q + min                              GGUF Q4_1 (Q4_0 is the case min = -8 * scale)
@@ -19,9 +19,13 @@ from torch import nn
 
 from freehold.errors import UnsupportedModelError
 from freehold.models.gguf_loader import GGUFTensor
+from freehold.quant.compute import COMPUTE_DTYPE, use_dequantized
+from freehold.quant.int4_unpack import layout_matches, unpack_codes_t
 
 GROUP_SIZE = 32  # GGUF Q4_0 / Q4_1 block size; also the smallest group the kernels accept
-COMPUTE_DTYPE = torch.bfloat16  # the int4 kernels are fast with bf16 activations only (fp32: ~40x slower)
+# From this many tokens on (CPU), W is dequantized for one bf16 GEMM (see freehold.quant.compute). Measured ms
+# kernel / dequantized: 576x1536 at 160 tokens 0.80 / 0.75, at 512 2.60 / 1.41; 192x576 at 192 0.12 / 0.14.
+DEQUANT_MIN_TOKENS = 192
 GGUF_INT4_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
 
 
@@ -93,6 +97,7 @@ class Int4Packed:
     packed: torch.Tensor  # opaque uint8 / int32 layout
     scales_and_zeros: torch.Tensor  # [K / 32, N, 2] bf16
     shape: tuple[int, int]
+    unpackable: bool  # the codes can be read back from `packed` (freehold.quant.int4_unpack)
 
 
 def pack_int4(groups: Int4Groups, device: torch.device | str) -> Int4Packed:
@@ -100,13 +105,14 @@ def pack_int4(groups: Int4Groups, device: torch.device | str) -> Int4Packed:
         raise UnsupportedModelError(f"int4 needs K % {GROUP_SIZE} == 0 and N % 16 == 0, got shape {groups.shape}")
     device = torch.device(device)
     sz = kernel_scales_and_zeros(groups, COMPUTE_DTYPE).to(device)
+    codes = groups.codes
     if device.type == "cpu":
-        return Int4Packed(torch._convert_weight_to_int4pack_for_cpu(groups.codes.to(torch.int32), 1), sz, groups.shape)
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        return Int4Packed(packed, sz, groups.shape, layout_matches(packed, codes))
     k = groups.shape[1]
     inner_k_tiles = 8 if k % 256 == 0 else 4 if k % 128 == 0 else 2
-    codes = groups.codes
     two_per_byte = (codes[:, ::2] << 4 | codes[:, 1::2]).to(device)  # CUDA takes [N, K / 2] uint8, high nibble first
-    return Int4Packed(torch._convert_weight_to_int4pack(two_per_byte, inner_k_tiles), sz, groups.shape)
+    return Int4Packed(torch._convert_weight_to_int4pack(two_per_byte, inner_k_tiles), sz, groups.shape, False)
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
@@ -119,27 +125,43 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
 class Int4Linear(nn.Module):
     """y = x W^T (+ b) with W held packed as int4 (0.5 byte + 4 / 32 byte of bf16 (s, z) per weight).
 
-    The int4 kernel serves every token count on CPU: with bf16 activations it beats the fp32 GEMM at 1 token
-    (~2.5x) and at 512 (~1.6x), so a separate prefill path would only add a dequantized copy to memory.
+    Below `DEQUANT_MIN_TOKENS` tokens the int4 kernel multiplies; from there on (CPU, native bf16, a layout
+    `int4_unpack` can read) W^T is rebuilt for that call from the packed codes with the kernel's arithmetic
+    (bit-identical to what the kernel returns for an identity input) and one bf16 GEMM follows.
+    The kernel's output rows do not depend on the batch size (checked bitwise, torch 2.13).
     """
 
     def __init__(self, weight: Int4Packed, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.unpackable = weight.unpackable
         self.register_buffer("packed", weight.packed)
         self.register_buffer("scales_and_zeros", weight.scales_and_zeros)
         self.register_buffer("bias", bias)  # float, or meta until load_state_dict fills it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, K] in any float dtype -> [T, N] in x's dtype."""
-        y = int4_matmul(x.to(COMPUTE_DTYPE), self.packed, self.scales_and_zeros).to(x.dtype)
+        xc = x.to(COMPUTE_DTYPE)
+        if self.unpackable and use_dequantized(x, DEQUANT_MIN_TOKENS):
+            y = xc @ self.dequantize_t(COMPUTE_DTYPE)
+        else:
+            y = int4_matmul(xc, self.packed, self.scales_and_zeros)
+        y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    def dequantize_t(self, dtype: torch.dtype) -> torch.Tensor:
+        """W^T [K, N] from the packed codes: (q - 8) * s + z in fp32, rounded once to `dtype` (as the kernel)."""
+        k, n = self.in_features, self.out_features
+        codes = unpack_codes_t(self.packed, (n, k)).view(k // GROUP_SIZE, GROUP_SIZE, n)
+        s, z = (self.scales_and_zeros[..., i].float()[:, None, :] for i in (0, 1))  # [K / 32, 1, N]
+        return codes.float().sub_(8).mul_(s).add_(z).to(dtype).view(k, n)
+
     def dequantize(self) -> torch.Tensor:
-        """The weight the kernel multiplies by, fp32 [N, K] (one identity-matrix pass: for checks, not speed)."""
-        eye = torch.eye(self.in_features, dtype=COMPUTE_DTYPE, device=self.packed.device)
+        """The weight the kernel multiplies by, fp32 [N, K] (rounded to bf16 where the layout cannot be read)."""
+        if self.unpackable:
+            return self.dequantize_t(torch.float32).T.contiguous()
+        eye = torch.eye(self.in_features, dtype=COMPUTE_DTYPE, device=self.packed.device)  # slow, but any layout
         return int4_matmul(eye, self.packed, self.scales_and_zeros).float().T.contiguous()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}"
-

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-COMPUTE_DTYPE = torch.bfloat16  # `_weight_int8pack_mm` is fast with bf16 activations only (fp32: ~20x slower)
-# From this many tokens on, dequantizing W to bf16 for the call and running the bf16 GEMM (AVX512-BF16 / oneDNN)
-# beats the int8 kernel. Measured, 2 threads, ms kernel / dequant+GEMM: 576x1536 at 64 tokens 0.32 / 0.41, at 128
-# 0.61 / 0.50, at 512 2.56 / 1.19 (fp32 GEMM: 0.60, 1.13, 4.18); 192x576 (k/v) the kernel wins through 128.
+from freehold.quant.compute import COMPUTE_DTYPE, use_dequantized
+
+# From this many tokens on (CPU), W is dequantized for one bf16 GEMM (see freehold.quant.compute). Measured ms
+# kernel / dequantized: 576x1536 at 64 tokens 0.32 / 0.41, at 128 0.61 / 0.50, at 512 2.56 / 1.19.
 DEQUANT_MIN_TOKENS = 128
 
 
@@ -50,17 +50,17 @@ def quantize_int8(weight: torch.Tensor) -> Int8Rows:
 
 def int8_matmul(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x: [T, K], scales in x's dtype -> [T, N] = x (scales * data)^T, by the int8 kernel or a dequantized GEMM."""
-    if x.device.type == "cpu" and x.shape[0] < DEQUANT_MIN_TOKENS:
+    if x.device.type == "cpu" and not use_dequantized(x, DEQUANT_MIN_TOKENS):
         return torch._weight_int8pack_mm(x, data, scales)
-    return F.linear(x, data.to(x.dtype) * scales[:, None])
+    return F.linear(x, data.to(x.dtype) * scales[:, None])  # CUDA has no int8 weight-only kernel: gpt-fast's way
 
 
 class Int8Linear(nn.Module):
     """y = x W^T (+ b) with W held as per-channel int8 (1 byte + 6 / K bytes of scales per weight).
 
-    Decode-sized batches run PyTorch's int8 kernel; from `DEQUANT_MIN_TOKENS` tokens on the weight is
-    dequantized to bf16 for that call only (nothing extra stays resident). Compute is bf16 on CPU either way,
-    so prefill and decode of one sequence see the same weights; outputs come back in the caller's dtype.
+    Decode-sized batches run PyTorch's int8 kernel (its rows do not depend on the batch size); from
+    `DEQUANT_MIN_TOKENS` tokens on the weight is dequantized to bf16 for that call only. Compute is bf16 on CPU
+    either way; outputs come back in the caller's dtype.
     """
 
     def __init__(self, rows: Int8Rows, bias: torch.Tensor | None = None):

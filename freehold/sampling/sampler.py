@@ -5,7 +5,8 @@ Order of operations (vLLM's):
     2. min_tokens                    EOS and stop ids -> -inf while fewer than min_tokens tokens are generated
     3. repetition penalty            seen in prompt + output: l / r if l > 0 else l * r
     4. presence / frequency          output tokens only: l -= frequency * count + presence * [count > 0]
-    5. allowed_token_mask            disallowed -> -inf (constrained decoding)
+    5. allowed_token_mask            disallowed -> -inf
+       token_bitmask                 tokens the row's grammar forbids -> -inf (structured outputs)
     6. greedy rows (temperature 0)   argmax of the result of 1-5; they skip 7-11
     7. temperature                   l / T
     8. top-k   9. top-p   10. min-p  (see transforms.py)
@@ -26,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 
+from freehold.constrain.matcher import apply_token_bitmask
 from freehold.errors import InvalidRequestError
 from freehold.sampling.penalties import (apply_allowed_mask, apply_logit_bias, apply_presence_frequency_penalties,
                                          apply_repetition_penalty, count_tokens, mask_tokens)
@@ -44,6 +46,7 @@ class SamplingRow:
     output_token_ids: Sequence[int]
     generator: torch.Generator | None = None  # None: draw from the sampler's shared generator
     allowed_token_mask: torch.Tensor | None = None  # bool [V], True = allowed; None: all allowed
+    token_bitmask: torch.Tensor | None = None  # int32 [ceil(V / 32)], bit t set = t allowed (xgrammar's layout)
 
 
 class SamplerOutput(NamedTuple):
@@ -106,12 +109,15 @@ class Sampler:
         return SamplerOutput(token_ids, self._logprobs(raw, tokens, rows))
 
     def process_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """Stages 1-5 (bias, min_tokens, penalties, allowed mask) on fp32 logits [B, V]; returns new logits."""
+        """Stages 1-5 (bias, min_tokens, penalties, allowed mask, grammar bitmask) on fp32 logits [B, V];
+        returns new logits."""
         logits = self._apply_logit_bias(logits, rows)
         logits, min_tokens_masked = self._apply_min_tokens(logits, rows)
         logits = self._apply_penalties(logits, rows)
         logits, allowed_masked = self._apply_allowed_masks(logits, rows)
-        if min_tokens_masked or allowed_masked:
+        bitmasks = [r.token_bitmask for r in rows]
+        logits = apply_token_bitmask(logits, bitmasks)
+        if min_tokens_masked or allowed_masked or any(m is not None for m in bitmasks):
             _check_something_allowed(logits)
         return logits
 
@@ -239,8 +245,8 @@ def _check_something_allowed(logits: torch.Tensor) -> None:
     empty = torch.isneginf(logits).all(dim=-1)
     if bool(empty.any()):
         row = int(empty.nonzero()[0, 0])
-        raise NoAllowedTokenError(f"batch row {row}: every token is masked (the allowed-token mask and "
-                                  "min_tokens exclude every token)", row=row)
+        raise NoAllowedTokenError(f"batch row {row}: every token is masked (the allowed-token mask, the "
+                                  "grammar and min_tokens exclude every token)", row=row)
 
 
 def _canonical_device(device: torch.device) -> torch.device:

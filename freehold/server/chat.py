@@ -18,6 +18,7 @@ from freehold.server.params import chat_messages, check_supported, sampling_para
 from freehold.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                       ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ErrorResponse, Usage)
 from freehold.server.serving import Choice, ChoiceDelta, Serving, UsageTally
+from freehold.server.structured import requested_constraint
 from freehold.server.streaming import DONE, EventStreamResponse, sse, until_disconnected
 
 router = APIRouter()
@@ -39,8 +40,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     serving: Serving = request.app.state.serving
     serving.check_model(body.model)
     check_supported(body)
+    constraint = await serving.compile_constraint(requested_constraint(body))
     prompt_ids = await serving.encode_chat(chat_messages(body))
-    params = sampling_params(body, len(prompt_ids), serving.max_model_len)
+    params = sampling_params(body, len(prompt_ids), serving.max_model_len, constraint)
     serving.check_request(prompt_ids, params)
     serving.admit(1)
     head = _Head(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), serving.model_name, params.logprobs is not None)

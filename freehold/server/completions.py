@@ -21,6 +21,7 @@ from freehold.server.params import check_num_choices, check_supported, completio
 from freehold.server.protocol import (Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
                                       ErrorResponse, Usage)
 from freehold.server.serving import Choice, ChoiceDelta, Serving, UsageTally
+from freehold.server.structured import requested_constraint
 from freehold.server.streaming import DONE, EventStreamResponse, merge, sse, until_disconnected
 from freehold.types import SamplingParams
 
@@ -46,10 +47,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     check_supported(body)
     prompts = completion_prompts(body)
     check_num_choices(len(prompts), body.n)
+    constraint = await serving.compile_constraint(requested_constraint(body))
     prompt_ids = await serving.encode_prompts(prompts)
     params: list[SamplingParams] = []
     for ids in prompt_ids:
-        params.append(sampling_params(body, len(ids), serving.max_model_len))
+        params.append(sampling_params(body, len(ids), serving.max_model_len, constraint))
         serving.check_request(ids, params[-1])
     serving.admit(len(prompt_ids))
     n = params[0].n

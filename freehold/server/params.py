@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from freehold.constrain.spec import Constraint
 from freehold.errors import InvalidRequestError
 from freehold.server.errors import APIError
 from freehold.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields,
@@ -16,7 +17,7 @@ from freehold.types import SamplingParams
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 64
 _SEED_RANGE = (-(2**63), 2**63 - 1)
-_NEUTRAL = {"tool_choice": ("none",), "response_format": ({"type": "text"},)}
+_NEUTRAL = {"tool_choice": ("none",)}
 
 
 def check_supported(request: SamplingFields) -> None:
@@ -71,8 +72,9 @@ def check_num_choices(num_prompts: int, n: int | None) -> None:
 
 
 def sampling_params(request: ChatCompletionRequest | CompletionRequest, num_prompt_tokens: int,
-                    max_model_len: int) -> SamplingParams:
-    """SamplingParams for one prompt; max_tokens defaults to the rest of the context."""
+                    max_model_len: int, constraint: Constraint | None = None) -> SamplingParams:
+    """SamplingParams for one prompt; max_tokens defaults to the rest of the context. `constraint` is the
+    compiled structured-output constraint the request asked for (`freehold.server.structured`)."""
     max_tokens, max_tokens_param = _max_tokens(request)
     room = max_model_len - num_prompt_tokens
     if max_tokens is None:
@@ -83,7 +85,7 @@ def sampling_params(request: ChatCompletionRequest | CompletionRequest, num_prom
             f"requested ({num_prompt_tokens} in the prompt, {max_tokens} in {max_tokens_param}); lower "
             f"{max_tokens_param} to at most {room}", param=max_tokens_param, code="context_length_exceeded")
     try:
-        return _make_params(request, max_tokens)
+        return _make_params(request, max_tokens, constraint)
     except InvalidRequestError as exc:  # name the field as this endpoint spells it
         renamed = {"max_tokens": max_tokens_param}
         if isinstance(request, ChatCompletionRequest):
@@ -92,7 +94,8 @@ def sampling_params(request: ChatCompletionRequest | CompletionRequest, num_prom
 
 
 # ---- private ------------------------------------------------------------------------------------------------------
-def _make_params(r: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> SamplingParams:
+def _make_params(r: ChatCompletionRequest | CompletionRequest, max_tokens: int,
+                 constraint: Constraint | None) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
         min_tokens=_default(r.min_tokens, 0),
@@ -109,6 +112,7 @@ def _make_params(r: ChatCompletionRequest | CompletionRequest, max_tokens: int) 
         ignore_eos=bool(r.ignore_eos),
         logprobs=_logprobs(r),
         n=_default(r.n, 1),
+        constraint=constraint,
     )
 
 

@@ -56,6 +56,28 @@ class ChatMessage(_Strict):
     audio: Any = _unsupported()
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(description="a name for the schema (recorded nowhere)")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON Schema the output must match")
+    strict: bool | None = Field(None, description="accepted; the schema is always enforced")
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs`: set exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON Schema (object or string)")
+    regex: str | None = None
+    grammar: str | None = Field(None, description="EBNF (GBNF) with a `root` rule")
+    choice: list[str] | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(_Strict):
     """Sampling fields shared by both endpoints (OpenAI's plus vLLM's `top_k`, `min_p`, ... extensions)."""
 
@@ -76,6 +98,13 @@ class SamplingFields(_Strict):
     user: str | None = Field(None, description="accepted for compatibility; recorded nowhere")
     ignore_eos: bool | None = None
     min_tokens: int | None = None
+    # structured outputs: at most one of these (see freehold.server.structured)
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM: a JSON Schema the output must match")
+    guided_regex: str | None = Field(None, description="vLLM: a regex the whole output must match")
+    guided_grammar: str | None = Field(None, description="vLLM: an EBNF (GBNF) grammar with a `root` rule")
+    guided_choice: list[str] | None = Field(None, description="vLLM: the output is exactly one of these strings")
+    structured_outputs: StructuredOutputs | None = None
     # not implemented
     service_tier: Any = _unsupported()
     store: Any = _unsupported()
@@ -94,7 +123,6 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: Any = _unsupported()
     functions: Any = _unsupported()
     function_call: Any = _unsupported()
-    response_format: Any = _unsupported()
     audio: Any = _unsupported()
     modalities: Any = _unsupported()
     prediction: Any = _unsupported()

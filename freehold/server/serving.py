@@ -12,10 +12,14 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
+from freehold.constrain.compiler import ConstraintCompiler
+from freehold.constrain.spec import Constraint
 from freehold.engine.async_engine import AsyncEngine
+from freehold.errors import InvalidRequestError
 from freehold.server.errors import APIError, QueueFullError
 from freehold.server.metrics import ServerMetrics
 from freehold.server.protocol import PromptTokensDetails, Usage
+from freehold.server.structured import RequestedConstraint
 from freehold.text_stream import TextStream
 from freehold.tokenizer import Tokenizer
 from freehold.types import CompletionOutput, FinishReason, RequestOutput, SamplingParams, TokenLogprob
@@ -63,6 +67,7 @@ class Serving:
         self.num_pending = 0  # requests whose engine request has produced no token yet
         self.created = int(time.time())
         self.metrics = ServerMetrics(engine.stats, lambda: self.num_pending)
+        self.constraints = ConstraintCompiler(tokenizer, engine.engine.model_config.vocab_size)
 
     # -- before a request starts ----------------------------------------------------------------------------
     def check_model(self, model: str) -> None:
@@ -80,6 +85,18 @@ class Serving:
         def encode() -> list[list[int]]:
             return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         return await asyncio.to_thread(encode)
+
+    async def compile_constraint(self, requested: RequestedConstraint | None) -> Constraint | None:
+        """Compile a structured-output constraint off the event loop (a large schema can take seconds, and the
+        engine thread never waits for it); cached specs return at once."""
+        if requested is None:
+            return None
+        try:
+            if self.constraints.cached(requested.spec):
+                return self.constraints.compile(requested.spec)
+            return await asyncio.to_thread(self.constraints.compile, requested.spec)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(str(exc), param=requested.param) from None
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """The engine's own checks (empty prompt, token ids, context length), before any response starts."""

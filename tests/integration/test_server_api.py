@@ -160,3 +160,22 @@ def test_metrics_and_openapi(server: ServerProcess) -> None:
 def test_reset_prefix_cache(server: ServerProcess) -> None:
     r = httpx.post(f"{server.url}/admin/reset_prefix_cache")
     assert r.status_code == 200 and r.json()["num_blocks_reset"] >= 0
+
+
+def test_multi_turn_chat_reuses_previous_turns(client: openai.OpenAI, server: ServerProcess) -> None:
+    """Turn N's prompt starts with turn N-1's prompt and reply: cached_tokens covers at least the previous
+    prompt's full 16-token blocks."""
+    httpx.post(f"{server.url}/admin/reset_prefix_cache")
+    messages = [{"role": "system", "content": "You are a terse assistant. " + topics["if"][:400]}]
+    previous_prompt = 0
+    for turn, question in enumerate(["What is an if statement?", "And elif?", "Give an example."]):
+        messages.append({"role": "user", "content": question})
+        r = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=24, temperature=0)
+        cached = r.usage.prompt_tokens_details.cached_tokens
+        if turn == 0:
+            assert cached == 0
+        else:
+            assert cached >= previous_prompt // 16 * 16 > 0, (turn, cached, previous_prompt)
+            assert cached < r.usage.prompt_tokens
+        previous_prompt = r.usage.prompt_tokens
+        messages.append({"role": "assistant", "content": r.choices[0].message.content})

@@ -66,3 +66,27 @@ def test_decode_attention_over_int8_cache_matches_float_cache():
     out = paged_attention(0, q, k[-1:], v[-1:], cache, meta)
     torch.testing.assert_close(out, out_ref, atol=0.05, rtol=0.0)
     assert (out - out_ref).abs().max() > 0  # the int8 cache was really used
+
+
+def test_engine_decodes_through_an_int8_cache_like_a_full_recompute():
+    from freehold.config import EngineConfig
+    from freehold.engine.engine import Engine
+    from freehold.types import SamplingParams
+    from tests.conftest import TINY, TINY_EOS, tiny_model
+    model = tiny_model()
+    cache = Int8KVCache(TINY.num_layers, 64, 16, TINY.num_kv_heads, TINY.head_dim, torch.float32, "cpu")
+    config = EngineConfig(kv_cache_memory=64 * 16 * TINY.kv_bytes_per_token(torch.float32), max_num_batched_tokens=32)
+    engine = Engine(model, TINY, [TINY_EOS], config, kv_cache=cache)
+    prompts = {str(i): [int(t) for t in torch.randint(0, TINY.vocab_size - 1, (5 + 17 * i,))] for i in range(3)}
+    for rid, prompt in prompts.items():  # 5, 22 and 39 tokens: the longer ones prefill in chunks over the cache
+        engine.add_request(rid, prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    out = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.outputs[0].token_ids)
+    with torch.inference_mode():
+        for rid, prompt in prompts.items():
+            ids = list(prompt)
+            for _ in range(12):
+                ids.append(int(model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)))[-1:]).argmax()))
+            assert out[rid] == ids[len(prompt):], rid

@@ -12,14 +12,16 @@ from gguf.quants import quantize
 
 from freehold.models.gguf_loader import GGUFTensor
 from freehold.quant.convert import pack_weight
+from freehold.quant import int4, int8
+from freehold.quant.compute import native_bf16_gemm
 from freehold.quant.int4 import (GROUP_SIZE, Int4Linear, int4_groups_from_gguf, kernel_scales_and_zeros, pack_int4,
                                  quantize_int4)
-from freehold.quant.int8 import DEQUANT_MIN_TOKENS, Int8Embedding, Int8Linear, quantize_int8
+from freehold.quant.int8 import Int8Embedding, Int8Linear, quantize_int8
 from freehold.quant.modes import WeightFormat
 
 Q4_0, Q4_1, Q8_0 = GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0
-N, K = 96, 256  # N is not a multiple of 64: exercises the kernel's tail block too
-TOKEN_COUNTS = (1, 5, DEQUANT_MIN_TOKENS + 7)  # decode-sized and prefill-sized batches
+N, K = 128, 256
+TOKEN_COUNTS = (1, 5, max(int4.DEQUANT_MIN_TOKENS, int8.DEQUANT_MIN_TOKENS) + 7)  # decode- and prefill-sized
 BF16_EPS = 2.0 ** -8  # relative rounding of bf16 (8 significant bits)
 
 
@@ -51,8 +53,8 @@ def test_gguf_q4_blocks_convert_to_kernel_format_without_loss(qtype):
     assert torch.equal(groups.dequantize(), t.dequantize())  # same codes, scales, mins: bit for bit
     # the kernel computes (q - 8) * s + z; in fp32 its weights are the GGUF weights to fp32 rounding
     packed = torch._convert_weight_to_int4pack_for_cpu(groups.codes.to(torch.int32), 1)
-    eye = torch.eye(K)
-    w_kernel = torch._weight_int4pack_mm_for_cpu(eye, packed, GROUP_SIZE, kernel_scales_and_zeros(groups, torch.float32)).T
+    scales_and_zeros = kernel_scales_and_zeros(groups, torch.float32)
+    w_kernel = torch._weight_int4pack_mm_for_cpu(torch.eye(K), packed, GROUP_SIZE, scales_and_zeros).T
     torch.testing.assert_close(w_kernel, t.dequantize(), rtol=1e-6, atol=1e-6)
 
 
@@ -72,6 +74,30 @@ def test_int4_linear_matches_dequantize_then_matmul(source, num_tokens):
     y = layer(x)
     assert y.dtype == torch.float32 and y.shape == (num_tokens, N)
     within_bf16(y, F.linear(x, w), x, w)
+
+
+def test_int4_prefill_path_rebuilds_exactly_the_kernels_weights():
+    groups = int4_groups_from_gguf(gguf_tensor(Q4_1))
+    layer = Int4Linear(pack_int4(groups, "cpu"))
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("int4_unpack reads the AVX512 kernels' layout; other builds keep the kernel at every size")
+    assert layer.unpackable
+    eye = torch.eye(K, dtype=torch.bfloat16)
+    kernel_w = torch._weight_int4pack_mm_for_cpu(eye, layer.packed, GROUP_SIZE, layer.scales_and_zeros)  # W^T
+    assert torch.equal(layer.dequantize_t(torch.bfloat16), kernel_w)
+    if native_bf16_gemm():  # both paths run: same weights, so only accumulation order differs
+        x = torch.randn(int4.DEQUANT_MIN_TOKENS, K)
+        big, small = layer(x), torch.cat([layer(x[i:i + 8]) for i in range(0, len(x), 8)])
+        within_bf16(big, small, x, groups.dequantize(), eps=BF16_EPS)
+
+
+@pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
+def test_int4_rows_in_a_tail_block_use_the_kernel_at_any_size(num_tokens):
+    groups = quantize_int4(torch.randn(96, K))  # 96 = 64 + a 32-row tail block, packed in another format
+    layer = Int4Linear(pack_int4(groups, "cpu"))
+    assert not layer.unpackable
+    x = torch.randn(num_tokens, K)
+    within_bf16(layer(x), F.linear(x, groups.dequantize()), x, groups.dequantize())
 
 
 def test_int4_linear_bias_and_caller_dtype():

@@ -91,6 +91,8 @@ def test_default_model_loads_packed(default_models):
     assert isinstance(m.model.layers[29].mlp.down_proj, Int4Linear)
     assert isinstance(m.model.embed_tokens, Int8Embedding) and isinstance(m.lm_head, Int8Linear)
     assert m.lm_head.data is m.model.embed_tokens.data  # tied: one int8 table
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":  # every N is a multiple of 64: prefill can dequantize
+        assert all(mod.unpackable for mod in m.modules() if isinstance(mod, Int4Linear))
     assert packed.weight_bytes() < 0.2 * dense.weight_bytes()  # ~93 MiB vs ~515 MiB
     assert isinstance(dense.model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
 

@@ -1,0 +1,72 @@
+"""Per-sequence grammar state and the per-step token bitmasks the sampler applies.
+
+Bitmask layout (xgrammar's): int32 [rows, ceil(V / 32)]; bit (t % 32) of word t // 32 set = token t allowed.
+
+A `GrammarState` follows a sequence's accepted output tokens: the engine feeds it each sampled token once, in
+`Engine._update`, and nothing else. Preemption by recompute keeps the output tokens (only their KV is
+recomputed), so the state needs no rollback; `num_accepted == len(output_token_ids)` holds after every step.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import xgrammar as xgr
+
+from freehold.constrain.spec import Constraint
+
+
+class GrammarState:
+    """One sequence's position in its grammar."""
+
+    def __init__(self, constraint: Constraint):
+        self.constraint = constraint
+        self.matcher = xgr.GrammarMatcher(constraint.grammar)
+        self.num_accepted = 0
+
+    def accept(self, token_id: int) -> None:
+        """Advance by one sampled token. The sampler drew it under this state's bitmask, so the grammar accepts
+        it; a refusal is an engine bug."""
+        if not self.matcher.accept_token(token_id):
+            raise RuntimeError(f"grammar matcher refused token {token_id} after {self.num_accepted} tokens, "
+                               "although it was drawn under the grammar's bitmask")
+        self.num_accepted += 1
+
+    @property
+    def terminated(self) -> bool:
+        """The grammar is complete and a stop token was accepted: the sequence ends here."""
+        return self.matcher.is_terminated()
+
+
+class BitmaskFiller:
+    """Fills the next-token bitmasks of a step's constrained rows, several matchers in parallel."""
+
+    def __init__(self, vocab_size: int, max_threads: int = 2):
+        self.vocab_size = vocab_size
+        self._batch = xgr.BatchGrammarMatcher(max_threads)
+
+    def fill(self, states: Sequence[GrammarState | None]) -> list[torch.Tensor | None]:
+        """Per row: its bitmask (int32 [ceil(V / 32)], a view into one batch buffer), or None if unconstrained."""
+        constrained = [i for i, s in enumerate(states) if s is not None]
+        result: list[torch.Tensor | None] = [None] * len(states)
+        if not constrained:
+            return result
+        bitmask = xgr.allocate_token_bitmask(len(constrained), self.vocab_size)
+        self._batch.batch_fill_next_token_bitmask([states[i].matcher for i in constrained], bitmask)
+        for j, i in enumerate(constrained):
+            result[i] = bitmask[j]
+        return result
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmasks: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """l[b, t] = -inf where bit t of row b's bitmask is clear; rows whose bitmask is None are untouched.
+    logits: [B, V] fp32; returns new logits (the input is not modified)."""
+    rows = [i for i, m in enumerate(bitmasks) if m is not None]
+    if not rows:
+        return logits
+    full = xgr.allocate_token_bitmask(len(bitmasks), logits.shape[-1])
+    full[rows] = torch.stack([bitmasks[i] for i in rows])
+    out = logits.clone()
+    backend = "cpu" if out.device.type == "cpu" else "auto"
+    xgr.apply_token_bitmask_inplace(out, full.to(out.device, non_blocking=True), indices=rows, backend=backend)
+    return out

@@ -1,0 +1,117 @@
+"""What a request constrains its output to: typed, hashable specs (the compile cache's keys), and a compiled
+`Constraint` as it travels inside `SamplingParams`.
+
+    JsonObject     any JSON object                    (OpenAI response_format {"type": "json_object"})
+    JsonSchema     an instance of a JSON Schema       (response_format json_schema, vLLM guided_json)
+    Regex          a full match of a regex            (vLLM guided_regex)
+    Grammar        a string of an EBNF/GBNF grammar   (vLLM guided_grammar; the start rule is `root`)
+    Choice         exactly one of some strings        (vLLM guided_choice)
+
+This module imports no grammar engine: `types.py` and the HTTP layer use it without loading xgrammar.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from freehold.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    import xgrammar
+
+
+@dataclass(frozen=True)
+class JsonObject:
+    def describe(self) -> str:
+        return "a JSON object"
+
+
+@dataclass(frozen=True)
+class JsonSchema:
+    """`text` is the schema as compact JSON with its keys in the order given (properties are generated in that
+    order), so equal schemas share one compiled grammar."""
+
+    text: str
+
+    def __post_init__(self) -> None:
+        _check_unicode(self.text, "the JSON schema")
+
+    @classmethod
+    def from_value(cls, schema: Any) -> JsonSchema:
+        """A schema given as a dict, or as a string holding one."""
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as exc:
+                raise InvalidRequestError(f"the JSON schema is not valid JSON: {exc}") from None
+        if not isinstance(schema, (dict, bool)):
+            raise InvalidRequestError(f"a JSON schema must be an object, got {type(schema).__name__}")
+        return cls(json.dumps(schema, ensure_ascii=False, separators=(",", ":")))
+
+    @property
+    def schema(self) -> dict[str, Any] | bool:
+        return json.loads(self.text)
+
+    def describe(self) -> str:
+        return "an instance of the JSON schema"
+
+
+@dataclass(frozen=True)
+class Regex:
+    pattern: str
+
+    def __post_init__(self) -> None:
+        _check_unicode(self.pattern, "the regex")
+
+    def describe(self) -> str:
+        return f"a full match of the regex {self.pattern!r}"
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """EBNF in the GBNF dialect of llama.cpp (`root ::= ...`), as xgrammar reads it."""
+
+    ebnf: str
+
+    def __post_init__(self) -> None:
+        _check_unicode(self.ebnf, "the grammar")
+
+    def describe(self) -> str:
+        return "a string of the grammar"
+
+
+@dataclass(frozen=True)
+class Choice:
+    options: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.options:
+            raise InvalidRequestError("a choice constraint needs at least one option")
+        for option in self.options:
+            _check_unicode(option, "a choice")
+
+    def describe(self) -> str:
+        return f"one of {len(self.options)} choices"
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """JSON's \\uXXXX escapes can carry lone surrogates, which are not text and cannot reach the grammar engine."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(f"{what} contains an unpaired surrogate at character {exc.start}: "
+                                  "not valid Unicode text") from None
+
+
+ConstraintSpec = JsonObject | JsonSchema | Regex | Grammar | Choice
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A spec compiled for one tokenizer (see `freehold.constrain.compiler`); the engine builds one grammar
+    matcher per sequence from `grammar`. Compare constraints by `spec`."""
+
+    spec: ConstraintSpec
+    grammar: xgrammar.CompiledGrammar = field(compare=False, repr=False)
+    vocab_size: int  # the size of the token bitmask: the model's vocabulary

@@ -1,0 +1,203 @@
+"""`freehold eval structured`: JSON-schema-constrained generation over JSONSchemaBench-style folders (one JSON
+Schema per file): how many schemas compile, how many constrained outputs finish, how many of those parse and
+validate with `jsonschema`, and what the constraint costs per decoded token.
+
+Every compiled schema gets one chat request ("write an instance of this schema") and all of them run together on
+the engine. The cost is measured by running the same prompts again without the constraint, each forced to the
+length its constrained output had (EOS ignored), so both runs decode the same tokens in the same batches and
+differ only by the grammar: time per token is the mean inter-token time of a request, median over requests.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from freehold.constrain.compiler import ConstraintCompiler
+from freehold.constrain.spec import Constraint, JsonSchema
+from freehold.errors import InvalidRequestError, PromptTooLongError
+from freehold.types import FinishReason, SamplingParams
+
+SYSTEM = "You are a helpful assistant that answers with JSON only."
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Greedy decoding; a frequency penalty keeps a small model out of repetition loops (more outputs finish)."""
+
+    max_tokens: int = 256
+    frequency_penalty: float = 0.0
+
+    def params(self, max_tokens: int, **fields) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0, frequency_penalty=self.frequency_penalty,
+                              **fields)
+
+
+@dataclass(frozen=True)
+class SchemaCase:
+    name: str
+    schema: Any
+
+
+@dataclass
+class CaseResult:
+    name: str
+    compiled: bool
+    compile_ms: float
+    error: str | None = None  # why it did not compile or run
+    finished: bool = False  # ended with finish_reason "stop" (the grammar completed)
+    valid: bool = False  # parses and validates against the schema
+    num_tokens: int = 0
+    text: str = ""
+    ms_per_token: float | None = None  # constrained
+    ms_per_token_free: float | None = None  # the same tokens without the constraint
+    run: _Run | None = None  # what was generated (None: not compiled, or the prompt does not fit)
+
+
+class _Run(NamedTuple):
+    schema: Any
+    prompt: list[int]
+    constraint: Constraint
+
+
+@dataclass(frozen=True)
+class SubsetReport:
+    subset: str
+    num_schemas: int
+    num_compiled: int
+    num_finished: int
+    num_valid: int  # among the finished
+    median_compile_ms: float  # of the schemas that compiled
+    ms_per_token: float  # median, constrained
+    ms_per_token_free: float  # median, same prompts and lengths unconstrained
+
+    def row(self) -> list:
+        pct = lambda a, b: 100.0 * a / b if b else 0.0  # noqa: E731
+        overhead = pct(self.ms_per_token - self.ms_per_token_free, self.ms_per_token_free)
+        return [self.subset, self.num_schemas, self.num_compiled, pct(self.num_compiled, self.num_schemas),
+                self.num_finished, self.num_valid, pct(self.num_valid, self.num_finished), self.median_compile_ms,
+                self.ms_per_token, self.ms_per_token_free, overhead]
+
+
+HEADERS = ["subset", "schemas", "compiled", "compiled %", "finished", "valid", "valid % of finished",
+           "compile ms (median)", "ms/token constrained", "ms/token free", "overhead %"]
+
+
+def load_schemas(directory: Path, limit: int | None) -> list[SchemaCase]:
+    """The first `limit` schema files of a folder, by name."""
+    if not directory.is_dir():
+        raise InvalidRequestError(f"schema folder not found: {directory}")
+    files = sorted(directory.glob("*.json"))[:limit]
+    return [SchemaCase(f.stem, json.loads(f.read_text(encoding="utf-8"))) for f in files]
+
+
+def messages_for(schema: Any) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"Write one JSON instance of this JSON schema:\n{json.dumps(schema)}"}]
+
+
+def evaluate_subset(llm, compiler: ConstraintCompiler, subset: str, cases: list[SchemaCase],
+                    settings: Settings) -> tuple[SubsetReport, list[CaseResult]]:
+    """Compile, generate (batched), validate; then rerun the same lengths unconstrained for the timing."""
+    results = [_prepare(llm, compiler, case, settings.max_tokens) for case in cases]
+    runs = [r for r in results if r.run is not None]
+    timed = _generate(llm, [(r.run.prompt, settings.params(settings.max_tokens, constraint=r.run.constraint))
+                            for r in runs])
+    for r, (tokens, reason, ms) in zip(runs, timed):
+        _judge(llm, r, tokens, reason, ms)
+    free = _generate(llm, [(r.run.prompt, settings.params(max(r.num_tokens, 1), ignore_eos=True)) for r in runs])
+    for r, (_, _, ms) in zip(runs, free):
+        r.ms_per_token_free = ms
+    return _report(subset, results), results
+
+
+def write_report(report: SubsetReport, results: list[CaseResult], settings: Settings) -> Path:
+    from bench.common import write_results
+    details = [{"name": r.name, "compiled": r.compiled, "compile_ms": r.compile_ms, "finished": r.finished,
+                "valid": r.valid, "num_tokens": r.num_tokens, "error": r.error, "text": r.text} for r in results]
+    return write_results(f"structured_{report.subset}", HEADERS, [report.row()],
+                         {"settings": settings, "temperature": 0.0, "cases": details})
+
+
+# ---- private ------------------------------------------------------------------------------------------------------
+def _prepare(llm, compiler: ConstraintCompiler, case: SchemaCase, max_tokens: int) -> CaseResult:
+    t0 = time.perf_counter()
+    try:
+        constraint = compiler.compile(JsonSchema.from_value(case.schema))
+    except InvalidRequestError as exc:
+        return CaseResult(case.name, False, (time.perf_counter() - t0) * 1000, error=str(exc))
+    result = CaseResult(case.name, True, (time.perf_counter() - t0) * 1000)
+    prompt = llm.chat_prompt(messages_for(case.schema))
+    try:
+        llm.engine.check_request(prompt, SamplingParams(max_tokens=max_tokens, constraint=constraint))
+    except PromptTooLongError as exc:
+        result.error = str(exc)
+        return result
+    result.run = _Run(case.schema, prompt, constraint)
+    return result
+
+
+def _generate(llm, requests: list[tuple[list[int], SamplingParams]]) -> list[tuple[list[int], FinishReason, float]]:
+    """Run all requests together; per request: tokens, finish reason, mean ms between its tokens. Starts from an
+    empty prefix cache, so the constrained and the free run do the same prefill work between decode steps."""
+    engine = llm.engine
+    engine.reset_prefix_cache()
+    ids = [f"eval-structured-{i}" for i in range(len(requests))]
+    for request_id, (prompt, params) in zip(ids, requests):
+        engine.add_request(request_id, prompt, params)
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    reasons: dict[str, FinishReason] = {}
+    while engine.has_unfinished():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            o = out.outputs[0]
+            if o.token_ids:
+                first.setdefault(out.request_id, now)
+                last[out.request_id] = now
+                tokens[out.request_id] += o.token_ids
+            if o.finish_reason is not None:
+                reasons[out.request_id] = o.finish_reason
+    return [(tokens[i], reasons[i], _ms_per_token(first.get(i), last.get(i), len(tokens[i]))) for i in ids]
+
+
+def _ms_per_token(first: float | None, last: float | None, num_tokens: int) -> float | None:
+    if first is None or last is None or num_tokens < 2:
+        return None
+    return (last - first) * 1000 / (num_tokens - 1)
+
+
+def _judge(llm, result: CaseResult, tokens: list[int], reason: FinishReason, ms: float | None) -> None:
+    import jsonschema  # a test dependency: only this evaluation needs it
+
+    result.num_tokens = len(tokens)
+    result.text = llm.tokenizer.decode(tokens, skip_special_tokens=True)
+    result.ms_per_token = ms
+    result.finished = reason is FinishReason.STOP
+    if not result.finished:
+        return
+    try:
+        jsonschema.validate(json.loads(result.text), result.run.schema)
+    except json.JSONDecodeError as exc:
+        result.error = f"not JSON: {exc}"
+    except jsonschema.ValidationError as exc:
+        result.error = f"invalid: {exc.message}"
+    else:
+        result.valid = True
+
+
+def _report(subset: str, results: list[CaseResult]) -> SubsetReport:
+    compiled = [r for r in results if r.compiled]
+    finished = [r for r in compiled if r.finished]
+    timed = [r for r in finished if r.ms_per_token is not None and r.ms_per_token_free is not None]
+    return SubsetReport(
+        subset=subset, num_schemas=len(results), num_compiled=len(compiled), num_finished=len(finished),
+        num_valid=sum(r.valid for r in finished),
+        median_compile_ms=statistics.median([r.compile_ms for r in compiled]) if compiled else 0.0,
+        ms_per_token=statistics.median([r.ms_per_token for r in timed]) if timed else float("nan"),
+        ms_per_token_free=statistics.median([r.ms_per_token_free for r in timed]) if timed else float("nan"))
