@@ -58,7 +58,8 @@ class LLM:
                 f"weights {self.loaded.weight_bytes() / 2**20:.0f} MiB\n"
                 f"KV cache {budget.num_bytes / 2**20:.0f} MiB = {budget.num_tokens} tokens "
                 f"({budget.bytes_per_token} B/token), {budget.sequences_at(self.engine.max_model_len)} sequences "
-                f"at the full context of {self.engine.max_model_len} tokens")
+                f"at the full context of {self.engine.max_model_len} tokens; prefix cache "
+                f"{'on (shared prompt prefixes are stored once)' if self.engine.config.enable_prefix_caching else 'off'}")
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

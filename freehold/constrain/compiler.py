@@ -5,7 +5,8 @@ Compiling a large schema can take tens of milliseconds, so callers compile off t
 
 The grammar engine is told the model's stop ids, so a matcher allows them exactly when the grammar accepts the
 output so far: a constrained sequence can only end on a complete string. Special tokens (chat markers and the
-like) are never allowed inside the constrained text.
+like) are never allowed inside the constrained text. JSON is generated compact (`{"a": 1, "b": [2, 3]}`, no
+free whitespace): a small model given free whitespace can pad forever instead of closing the object.
 """
 from __future__ import annotations
 

@@ -5,7 +5,9 @@ validate with `jsonschema`, and what the constraint costs per decoded token.
 Every compiled schema gets one chat request ("write an instance of this schema") and all of them run together on
 the engine. The cost is measured by running the same prompts again without the constraint, each forced to the
 length its constrained output had (EOS ignored), so both runs decode the same tokens in the same batches and
-differ only by the grammar: time per token is the mean inter-token time of a request, median over requests.
+differ only by the grammar. Time per token is the median duration of the decode-only engine steps (no prompt
+chunk in the step): the time between two tokens of every sequence in that step. The median keeps a shared
+machine's hiccups out.
 """
 from __future__ import annotations
 
@@ -52,8 +54,6 @@ class CaseResult:
     valid: bool = False  # parses and validates against the schema
     num_tokens: int = 0
     text: str = ""
-    ms_per_token: float | None = None  # constrained
-    ms_per_token_free: float | None = None  # the same tokens without the constraint
     run: _Run | None = None  # what was generated (None: not compiled, or the prompt does not fit)
 
 
@@ -71,8 +71,8 @@ class SubsetReport:
     num_finished: int
     num_valid: int  # among the finished
     median_compile_ms: float  # of the schemas that compiled
-    ms_per_token: float  # median, constrained
-    ms_per_token_free: float  # median, same prompts and lengths unconstrained
+    ms_per_token: float  # median decode step, constrained
+    ms_per_token_free: float  # median decode step, same prompts and lengths unconstrained
 
     def row(self) -> list:
         pct = lambda a, b: 100.0 * a / b if b else 0.0  # noqa: E731
@@ -104,14 +104,12 @@ def evaluate_subset(llm, compiler: ConstraintCompiler, subset: str, cases: list[
     """Compile, generate (batched), validate; then rerun the same lengths unconstrained for the timing."""
     results = [_prepare(llm, compiler, case, settings.max_tokens) for case in cases]
     runs = [r for r in results if r.run is not None]
-    timed = _generate(llm, [(r.run.prompt, settings.params(settings.max_tokens, constraint=r.run.constraint))
-                            for r in runs])
-    for r, (tokens, reason, ms) in zip(runs, timed):
-        _judge(llm, r, tokens, reason, ms)
+    constrained = _generate(llm, [(r.run.prompt, settings.params(settings.max_tokens, constraint=r.run.constraint))
+                                  for r in runs])
+    for r, tokens, reason in zip(runs, constrained.tokens, constrained.reasons):
+        _judge(llm, r, tokens, reason)
     free = _generate(llm, [(r.run.prompt, settings.params(max(r.num_tokens, 1), ignore_eos=True)) for r in runs])
-    for r, (_, _, ms) in zip(runs, free):
-        r.ms_per_token_free = ms
-    return _report(subset, results), results
+    return _report(subset, results, constrained.ms_per_token, free.ms_per_token), results
 
 
 def write_report(report: SubsetReport, results: list[CaseResult], settings: Settings) -> Path:
@@ -140,44 +138,44 @@ def _prepare(llm, compiler: ConstraintCompiler, case: SchemaCase, max_tokens: in
     return result
 
 
-def _generate(llm, requests: list[tuple[list[int], SamplingParams]]) -> list[tuple[list[int], FinishReason, float]]:
-    """Run all requests together; per request: tokens, finish reason, mean ms between its tokens. Starts from an
-    empty prefix cache, so the constrained and the free run do the same prefill work between decode steps."""
+class _Generated(NamedTuple):
+    tokens: list[list[int]]  # per request
+    reasons: list[FinishReason]
+    ms_per_token: float  # median duration of the decode-only steps
+
+
+def _generate(llm, requests: list[tuple[list[int], SamplingParams]]) -> _Generated:
+    """Run all requests together, from an empty prefix cache (both runs do the same prefill work)."""
     engine = llm.engine
     engine.reset_prefix_cache()
     ids = [f"eval-structured-{i}" for i in range(len(requests))]
     for request_id, (prompt, params) in zip(ids, requests):
         engine.add_request(request_id, prompt, params)
+    seqs = [seq for request_id in ids for seq in engine.requests[request_id]]
     tokens: dict[str, list[int]] = {i: [] for i in ids}
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
     reasons: dict[str, FinishReason] = {}
+    decode_steps: list[float] = []
     while engine.has_unfinished():
+        computed = sum(seq.num_computed_tokens for seq in seqs)
+        t0 = time.perf_counter()
         outputs = engine.step()
-        now = time.perf_counter()
+        seconds = time.perf_counter() - t0
+        new = [o for out in outputs for o in out.outputs]
+        if sum(seq.num_computed_tokens for seq in seqs) - computed == sum(len(o.token_ids) for o in new):
+            decode_steps.append(seconds)  # every token the step computed was a sequence's last one: no prefill
         for out in outputs:
-            o = out.outputs[0]
-            if o.token_ids:
-                first.setdefault(out.request_id, now)
-                last[out.request_id] = now
-                tokens[out.request_id] += o.token_ids
-            if o.finish_reason is not None:
-                reasons[out.request_id] = o.finish_reason
-    return [(tokens[i], reasons[i], _ms_per_token(first.get(i), last.get(i), len(tokens[i]))) for i in ids]
+            tokens[out.request_id] += out.outputs[0].token_ids
+            if out.outputs[0].finish_reason is not None:
+                reasons[out.request_id] = out.outputs[0].finish_reason
+    ms = 1000 * statistics.median(decode_steps) if decode_steps else float("nan")
+    return _Generated([tokens[i] for i in ids], [reasons[i] for i in ids], ms)
 
 
-def _ms_per_token(first: float | None, last: float | None, num_tokens: int) -> float | None:
-    if first is None or last is None or num_tokens < 2:
-        return None
-    return (last - first) * 1000 / (num_tokens - 1)
-
-
-def _judge(llm, result: CaseResult, tokens: list[int], reason: FinishReason, ms: float | None) -> None:
+def _judge(llm, result: CaseResult, tokens: list[int], reason: FinishReason) -> None:
     import jsonschema  # a test dependency: only this evaluation needs it
 
     result.num_tokens = len(tokens)
     result.text = llm.tokenizer.decode(tokens, skip_special_tokens=True)
-    result.ms_per_token = ms
     result.finished = reason is FinishReason.STOP
     if not result.finished:
         return
@@ -191,13 +189,11 @@ def _judge(llm, result: CaseResult, tokens: list[int], reason: FinishReason, ms:
         result.valid = True
 
 
-def _report(subset: str, results: list[CaseResult]) -> SubsetReport:
+def _report(subset: str, results: list[CaseResult], ms_per_token: float, ms_per_token_free: float) -> SubsetReport:
     compiled = [r for r in results if r.compiled]
     finished = [r for r in compiled if r.finished]
-    timed = [r for r in finished if r.ms_per_token is not None and r.ms_per_token_free is not None]
     return SubsetReport(
         subset=subset, num_schemas=len(results), num_compiled=len(compiled), num_finished=len(finished),
         num_valid=sum(r.valid for r in finished),
         median_compile_ms=statistics.median([r.compile_ms for r in compiled]) if compiled else 0.0,
-        ms_per_token=statistics.median([r.ms_per_token for r in timed]) if timed else float("nan"),
-        ms_per_token_free=statistics.median([r.ms_per_token_free for r in timed]) if timed else float("nan"))
+        ms_per_token=ms_per_token, ms_per_token_free=ms_per_token_free)

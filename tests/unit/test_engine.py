@@ -198,3 +198,14 @@ def test_n_completions_share_the_prompt_blocks():
     assert len({tuple(t) for t in outs.values()}) > 1  # different seeds per completion
     # the two siblings found the parent's 4 full prompt blocks in the cache
     assert engine.pool.num_hits == 2 * 64
+
+
+def test_bfloat16_engine_runs_and_halves_kv_bytes():
+    model = tiny_model().to(torch.bfloat16)
+    engine = tiny_engine(model, dtype=torch.bfloat16)
+    assert engine.budget.bytes_per_token == TINY.kv_bytes_per_token(torch.float32) // 2
+    assert engine.runner.cache.k.dtype == torch.bfloat16
+    engine.add_request("b", [1, 2, 3, 4], SamplingParams(max_tokens=5, **GREEDY))
+    out = run_to_end(engine, check=True)
+    fp32 = reference_greedy(tiny_model(), [1, 2, 3, 4], 5)
+    assert len(out["b"][0]) == 5 and out["b"][0][0] == fp32[0]  # peaked logits: bf16 agrees on the first token
