@@ -58,10 +58,17 @@ class KVCache:
         self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v.to(self.v.dtype))
 
     def gather(self, layer: int, block_tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """block_tables: [..., nb] -> K, V: [..., length, KVH, D] (the first `length` tokens of those blocks)."""
-        k = self.k[layer][block_tables].flatten(-4, -3)[..., :length, :, :]
-        v = self.v[layer][block_tables].flatten(-4, -3)[..., :length, :, :]
-        return k, v
+        """block_tables: [..., nb] -> K, V: [..., length, KVH, D] (the first `length` tokens of those blocks).
+        index_select over whole blocks (rows of a [num_blocks, block_size*KVH*D] view) copies contiguous runs,
+        about twice as fast as advanced indexing on the 5-D tensor."""
+        return self._gather(self.k[layer], block_tables, length), self._gather(self.v[layer], block_tables, length)
+
+    @staticmethod
+    def _gather(store: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+        num_blocks, block_size, kv_heads, head_dim = store.shape
+        rows = store.view(num_blocks, -1).index_select(0, block_tables.reshape(-1))
+        out = rows.view(*block_tables.shape[:-1], block_tables.shape[-1] * block_size, kv_heads, head_dim)
+        return out[..., :length, :, :]
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
