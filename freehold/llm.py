@@ -57,7 +57,7 @@ class LLM:
                 f"{cfg.architecture}, dtype {str(self.engine.config.dtype).removeprefix('torch.')}, "
                 f"weights {self.loaded.weight_bytes() / 2**20:.0f} MiB\n"
                 f"KV cache {budget.num_bytes / 2**20:.0f} MiB = {budget.num_tokens} tokens "
-                f"({budget.bytes_per_token} B/token), {budget.sequences_at(self.engine.max_model_len)} sequences "
+                f"({budget.bytes_per_token} B/token), {budget.sequences_at(self.engine.max_model_len)} sequence(s) "
                 f"at the full context of {self.engine.max_model_len} tokens; prefix cache "
                 f"{'on (shared prompt prefixes are stored once)' if self.engine.config.enable_prefix_caching else 'off'}")
 

@@ -39,7 +39,7 @@ class ModelRunner:
         prefills = [c for c in chunks if c.num_tokens > 1]
         ids, positions, slots = [], [], []
         for c in decodes + prefills:
-            ids += c.seq.all_token_ids[c.start:c.start + c.num_tokens]
+            ids += c.seq.token_ids(c.start, c.start + c.num_tokens)
             pos = list(range(c.start, c.start + c.num_tokens))
             positions += pos
             table = c.seq.block_table

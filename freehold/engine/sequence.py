@@ -43,6 +43,15 @@ class Sequence:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without copying the whole sequence (called every step)."""
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - n]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
@@ -63,8 +72,7 @@ class Sequence:
 
     def update_block_keys(self, block_size: int) -> None:
         """Extend `block_keys` to cover every full block of the sequence's tokens."""
-        tokens = self.all_token_ids
-        while (len(self.block_keys) + 1) * block_size <= len(tokens):
+        while (len(self.block_keys) + 1) * block_size <= self.num_tokens:
             i = len(self.block_keys)
             parent = self.block_keys[-1] if self.block_keys else None
-            self.block_keys.append(block_key(parent, tokens[i * block_size:(i + 1) * block_size]))
+            self.block_keys.append(block_key(parent, self.token_ids(i * block_size, (i + 1) * block_size)))
