@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from bench import generate, prefix, sampling, serve, structured, throughput
+from bench import generate, prefix, quant, sampling, serve, structured, throughput
 
 BENCHMARKS = {
     "generate": (generate, "single-stream prefill/decode tokens/s vs transformers"),
     "throughput": (throughput, "batched engine vs one-at-a-time vs transformers static batches"),
     "prefix": (prefix, "prompt caching: cold vs warm time-to-first-token"),
+    "quant": (quant, "weight formats x KV dtypes: memory, perplexity, prefill/decode tok/s, bandwidth roofline"),
     "sampling": (sampling, "sampler overhead per decode step at batch 16"),
     "structured": (structured, "constrained (JSON schema) vs free decode tokens/s at batch 1 and 16"),
     "serve": (serve, "HTTP load generator against freehold serve (TTFT, ITL, output tokens/s)"),

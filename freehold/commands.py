@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from freehold.config import EngineConfig, KVDtype
 from freehold.errors import InvalidRequestError
 from freehold.quant.modes import WeightMode
 from freehold.types import SamplingParams
@@ -26,7 +27,7 @@ def load_llm(args: argparse.Namespace):
     from freehold.llm import LLM
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=DTYPES[args.dtype], device=args.device, weights=WeightMode(args.weights),
-              kv_cache_memory=parse_size(args.kv_cache_memory))
+              kv_cache_memory=parse_size(args.kv_cache_memory), kv_dtype=KVDtype(args.kv_dtype))
     print(f"{llm.describe()}\nloaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return llm
 
@@ -68,6 +69,7 @@ def chat(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     if args.eval_command == "structured":
         return evaluate_structured(args)
+    from freehold.engine.memory import create_kv_cache
     from freehold.eval.ppl import default_text, perplexity
     from freehold.models.loader import load_model
     from freehold.tokenizer import Tokenizer
@@ -76,11 +78,13 @@ def evaluate(args: argparse.Namespace) -> int:
     text = args.text.read_text(encoding="utf-8") if args.text else default_text()
     loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, weights=WeightMode(args.weights))
     ids = Tokenizer.from_model_path(loaded.path).encode(text, add_special_tokens=False)
+    config = EngineConfig(device=args.device, dtype=DTYPES[args.dtype], kv_dtype=KVDtype(args.kv_dtype))
+    cache = create_kv_cache(loaded.config, config, num_blocks=-(-args.window // config.block_size))
     t0 = time.perf_counter()
-    result = perplexity(loaded.model, ids, args.window, args.max_tokens,
+    result = perplexity(loaded.model, ids, args.window, args.max_tokens, cache=cache,
                         progress=lambda i, n: print(f"\rwindow {i}/{n}", end="", file=sys.stderr))
     print(file=sys.stderr)
-    print(f"perplexity {result.perplexity:.4f} over {result.num_predicted} predicted tokens "
+    print(f"perplexity {result.perplexity:.4f} (weights {args.weights}, KV {args.kv_dtype}) over {result.num_predicted} predicted tokens "
           f"({result.num_windows} windows of {args.window}) in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -45,8 +45,10 @@ class ModelConfig:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
     def kv_bytes_per_token(self, kv_dtype: torch.dtype) -> int:
-        """K and V for every layer: layers x 2 x kv_heads x head_dim x bytes."""
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * _dtype_bytes(kv_dtype)
+        """K and V for every layer: layers x 2 x kv_heads x (head_dim x bytes + scale bytes), where an int8
+        cache adds one fp16 scale per token per head (quant/kv_int8.py) and a float cache none."""
+        scale = KV_INT8_SCALE_BYTES if kv_dtype == torch.int8 else 0
+        return self.num_layers * 2 * self.num_kv_heads * (self.head_dim * _dtype_bytes(kv_dtype) + scale)
 
     def num_parameters(self) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
@@ -65,6 +67,23 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+KV_INT8_SCALE_BYTES = 2  # one fp16 scale per (token, KV head) in an int8 KV cache
+
+
+class KVDtype(enum.Enum):
+    """What the KV cache stores (`--kv-dtype`). Attention always computes in the activation dtype."""
+
+    AUTO = "auto"  # the activation dtype: the cache holds exactly what the model computed
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    INT8 = "int8"  # per-token-per-head symmetric int8 with fp16 scales: half of bf16's bytes (+ 3% scales)
+
+    def storage_dtype(self, activation: torch.dtype) -> torch.dtype:
+        return {KVDtype.AUTO: activation, KVDtype.FP32: torch.float32, KVDtype.BF16: torch.bfloat16,
+                KVDtype.FP16: torch.float16, KVDtype.INT8: torch.int8}[self]
+
+
 class Preemption(enum.Enum):
     RECOMPUTE = "recompute"
 
@@ -75,7 +94,7 @@ class EngineConfig:
 
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
-    kv_dtype: torch.dtype | None = None  # None: same as `dtype`
+    kv_dtype: KVDtype = KVDtype.AUTO
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; None: `kv_cache_fraction` of free memory
     kv_cache_fraction: float = 0.25
@@ -99,4 +118,5 @@ class EngineConfig:
 
     @property
     def cache_dtype(self) -> torch.dtype:
-        return self.kv_dtype or self.dtype
+        """The element dtype of the KV cache's storage (torch.int8 for an int8 cache)."""
+        return self.kv_dtype.storage_dtype(self.dtype)

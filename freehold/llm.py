@@ -53,10 +53,11 @@ class LLM:
     # -- public API ---------------------------------------------------------------------------------------
     def describe(self) -> str:
         cfg, budget = self.loaded.config, self.engine.budget
+        kv_dtype = str(self.engine.config.cache_dtype).removeprefix("torch.")
         return (f"model {cfg.name} ({self.loaded.path.name}), {cfg.num_parameters() / 1e6:.1f}M parameters, "
                 f"{cfg.architecture}, dtype {str(self.engine.config.dtype).removeprefix('torch.')}, "
                 f"weights {self.loaded.weight_bytes() / 2**20:.0f} MiB\n"
-                f"KV cache {budget.num_bytes / 2**20:.0f} MiB = {budget.num_tokens} tokens "
+                f"KV cache {budget.num_bytes / 2**20:.0f} MiB in {kv_dtype} = {budget.num_tokens} tokens "
                 f"({budget.bytes_per_token} B/token), {budget.sequences_at(self.engine.max_model_len)} sequence(s) "
                 f"at the full context of {self.engine.max_model_len} tokens; prefix cache "
                 f"{'on (shared prompt prefixes are stored once)' if self.engine.config.enable_prefix_caching else 'off'}")

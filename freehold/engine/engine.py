@@ -12,7 +12,7 @@ import torch
 
 from freehold.config import EngineConfig, ModelConfig
 from freehold.constrain.matcher import BitmaskFiller, GrammarState
-from freehold.engine.memory import KVBudget, plan_kv
+from freehold.engine.memory import KVBudget, create_kv_cache, plan_kv
 from freehold.engine.runner import ModelRunner
 from freehold.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from freehold.engine.sequence import Sequence, SequenceStatus
@@ -47,8 +47,7 @@ class Engine:
         self.device = torch.device(config.device)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.budget: KVBudget = plan_kv(model_config, config)
-        cache = kv_cache or KVCache(model_config.num_layers, self.budget.num_blocks, config.block_size,
-                                    model_config.num_kv_heads, model_config.head_dim, config.cache_dtype, self.device)
+        cache = kv_cache or create_kv_cache(model_config, config, self.budget.num_blocks)
         self.pool = BlockPool(self.budget.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, cache, self.device)

@@ -1,4 +1,5 @@
-"""KV budget: how many blocks the cache gets, from an explicit byte size or a fraction of free memory."""
+"""KV budget: how many blocks the cache gets, from an explicit byte size or a fraction of free memory, and the
+cache that holds them in the configured KV dtype."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +9,8 @@ import torch
 
 from freehold.config import EngineConfig, ModelConfig
 from freehold.errors import InvalidRequestError
+from freehold.layers.attention import KVCache
+from freehold.quant.kv_int8 import Int8KVCache
 
 
 @dataclass(frozen=True)
@@ -48,3 +51,11 @@ def plan_kv(model: ModelConfig, cfg: EngineConfig, bytes_per_token: int | None =
             f"KV cache memory {budget} bytes holds no block of {cfg.block_size} tokens "
             f"({per_token * cfg.block_size} bytes needed)", param="kv_cache_memory")
     return KVBudget(per_token, cfg.block_size, int(num_blocks))
+
+
+def create_kv_cache(model: ModelConfig, cfg: EngineConfig, num_blocks: int) -> KVCache:
+    """A float cache in `cfg.cache_dtype`, or an int8 one whose `gather` returns the activation dtype."""
+    shape = (model.num_layers, num_blocks, cfg.block_size, model.num_kv_heads, model.head_dim)
+    if cfg.cache_dtype == torch.int8:
+        return Int8KVCache(*shape, cfg.dtype, torch.device(cfg.device))
+    return KVCache(*shape, cfg.cache_dtype, torch.device(cfg.device))

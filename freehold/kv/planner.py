@@ -17,8 +17,7 @@ from freehold.errors import InvalidRequestError
 from freehold.models.gguf_loader import load_gguf
 from freehold.models.hf_loader import read_hf_config
 
-KV_DTYPES = {"fp32": 4, "fp16/bf16": 2, "int8": 1}
-SCALE_BYTES = 2  # one fp16 scale per token per KV head, for K and for V (int8 only)
+KV_DTYPES = {"fp32": torch.float32, "fp16/bf16": torch.bfloat16, "int8": torch.int8}  # --kv-dtype choices
 
 
 @dataclass(frozen=True)
@@ -39,8 +38,7 @@ class KVPlan:
 
 
 def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str) -> int:
-    per_head = cfg.head_dim * KV_DTYPES[kv_dtype] + (SCALE_BYTES if kv_dtype == "int8" else 0)
-    return cfg.num_layers * 2 * cfg.num_kv_heads * per_head
+    return cfg.kv_bytes_per_token(KV_DTYPES[kv_dtype])
 
 
 def read_model_for_plan(path: Path) -> tuple[ModelConfig, int]:

@@ -3,12 +3,14 @@
 The flat batch holds T tokens: first the decode tokens (one per decoding sequence), then the prefill chunks.
 Each layer writes its new K/V into cache slots (slot = block_id * block_size + offset) and then attends:
   decode:  one batched SDPA over each sequence's gathered blocks, masked past its context length;
-  prefill: one SDPA per chunk; a chunk that starts at position 0 attends to its own K/V with a causal mask,
-           a chunk that continues a cached prefix gathers the prefix from the cache and uses an offset causal mask.
+  prefill: one SDPA per chunk; a chunk that starts at position 0 attends to its own K/V (as the cache stores them:
+           rounded to bf16 or int8 when the cache is) with a causal mask, a chunk that continues a cached prefix
+           gathers the prefix from the cache and uses an offset causal mask.
 softmax(q k^T / sqrt(D)) v with GQA: query head h reads KV head h // (H / KVH).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +49,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
+        self._workspace: dict[str, torch.Tensor] = {}  # gather outputs, reused across layers and steps
 
     @property
     def num_bytes(self) -> int:
@@ -57,16 +60,35 @@ class KVCache:
         self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k.to(self.k.dtype))
         self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v.to(self.v.dtype))
 
+    def round_trip(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v as a later `gather` would return them: what attention over this cache sees."""
+        if self.k.dtype == k.dtype:
+            return k, v
+        return k.to(self.k.dtype).to(k.dtype), v.to(self.v.dtype).to(v.dtype)
+
     def gather(self, layer: int, block_tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """block_tables: [..., nb] -> K, V: [..., length, KVH, D] (the first `length` tokens of those blocks).
         index_select over whole blocks (rows of a [num_blocks, block_size*KVH*D] view) copies contiguous runs,
-        about twice as fast as advanced indexing on the 5-D tensor."""
-        return self._gather(self.k[layer], block_tables, length), self._gather(self.v[layer], block_tables, length)
+        about twice as fast as advanced indexing on the 5-D tensor. The results live in a reused workspace
+        (no fresh pages to fault in every layer): valid until the next `gather`."""
+        return (self._gather(self.k[layer], block_tables, length, "k"),
+                self._gather(self.v[layer], block_tables, length, "v"))
 
-    @staticmethod
-    def _gather(store: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+    def workspace(self, name: str, rows: int, row_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A [rows, *row_shape] buffer that grows to the largest request and is then reused."""
+        buf = self._workspace.get(name)
+        numel = rows * math.prod(row_shape)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = torch.empty(numel, dtype=dtype, device=self.k.device)
+            self._workspace[name] = buf
+        return buf[:numel].view(rows, *row_shape)
+
+    def _gather(self, store: torch.Tensor, block_tables: torch.Tensor, length: int, name: str) -> torch.Tensor:
         num_blocks, block_size, kv_heads, head_dim = store.shape
-        rows = store.view(num_blocks, -1).index_select(0, block_tables.reshape(-1))
+        flat = block_tables.reshape(-1)
+        rows = torch.index_select(store.view(num_blocks, -1), 0, flat,
+                                  out=self.workspace(name, flat.numel(), (block_size * kv_heads * head_dim,),
+                                                     store.dtype))
         out = rows.view(*block_tables.shape[:-1], block_tables.shape[-1] * block_size, kv_heads, head_dim)
         return out[..., :length, :, :]
 
@@ -99,8 +121,8 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     for chunk in meta.prefills:
         qs = q[chunk.start:chunk.end]
         if chunk.context_len == chunk.num_new:  # fresh sequence: attend to its own new K/V
-            out[chunk.start:chunk.end] = _sdpa(qs[None], k[None, chunk.start:chunk.end],
-                                               v[None, chunk.start:chunk.end], None, causal=True)[0]
+            kc, vc = cache.round_trip(k[chunk.start:chunk.end], v[chunk.start:chunk.end])
+            out[chunk.start:chunk.end] = _sdpa(qs[None], kc[None], vc[None], None, causal=True)[0]
             continue
         kc, vc = cache.gather(layer, chunk.block_table, chunk.context_len)  # [S, KVH, D]
         # query i sits at position (S - L + i) and sees keys 0..S-L+i

@@ -30,12 +30,16 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, base: float,
                  scaling: RopeScaling | None = None, freq_factors: torch.Tensor | None = None):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        # Tables are computed on the CPU (float64) whatever the default device: built under
+        # `torch.device("meta")` the ops would pull in torch's Python meta kernels (+130 MB resident, triton).
+        # Module.to(device) moves them.
+        cpu = torch.device("cpu")
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=cpu) / head_dim))
         if scaling is not None:
             inv_freq = llama3_inv_freq(inv_freq, scaling)
         if freq_factors is not None:
-            inv_freq = inv_freq / freq_factors.to(torch.float64)
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)  # [P, D/2]
+            inv_freq = inv_freq / freq_factors.to(cpu, torch.float64)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64, device=cpu), inv_freq)  # [P, D/2]
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 

@@ -6,21 +6,19 @@ so |x_d - scale * q_d| <= scale / 2 = max_d |x_d| / 254 (plus the fp16 rounding 
 Scales are fp16 (2 bytes). Bytes per token, all layers:
     num_layers * 2 (K and V) * num_kv_heads * (head_dim * 1 + 2)
 e.g. SmolLM2-135M (30 layers, 3 KV heads, head_dim 64): 11,880 bytes, vs 23,040 in bf16 and 46,080 in fp32.
-`gather` dequantizes into the activation dtype; only the gathered tokens are ever float.
+`gather` dequantizes into the activation dtype; only the gathered tokens are ever float. `round_trip` gives a
+fresh prefill the same quantized K/V that later decode steps will read, so prefill and decode see one cache.
 """
 from __future__ import annotations
 
 import torch
 
+from freehold.config import KV_INT8_SCALE_BYTES
 from freehold.layers.attention import KVCache
 
 SCALE_DTYPE = torch.float16
 _TINY = torch.finfo(SCALE_DTYPE).tiny
-
-
-def int8_kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int) -> int:
-    scale_bytes = torch.empty((), dtype=SCALE_DTYPE).element_size()
-    return num_layers * 2 * num_kv_heads * (head_dim + scale_bytes)
+assert torch.empty((), dtype=SCALE_DTYPE).element_size() == KV_INT8_SCALE_BYTES  # what the KV budget counts
 
 
 def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +64,11 @@ class Int8KVCache(KVCache):
         for i, (data, scales) in enumerate(((self.k, self.k_scale), (self.v, self.v_scale))):
             data[layer].view(-1, *q.shape[2:]).index_copy_(0, slots, q[i])
             scales[layer].view(-1, scale.shape[2]).index_copy_(0, slots, scale[i])
+
+    def round_trip(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, scale = quantize_heads(torch.stack([k, v]))
+        kv = dequantize_heads(q, scale, k.dtype)
+        return kv[0], kv[1]
 
     def gather(self, layer: int, block_tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """block_tables: [..., nb] -> K, V: [..., length, KVH, D] in the activation dtype."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import uvicorn
 
+from freehold.config import KVDtype
 from freehold.quant.modes import WeightMode
 from freehold.engine.async_engine import AsyncEngine
 from freehold.errors import FreeholdError
@@ -63,6 +64,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "fp32 is the batch-invariant, reference-exact choice")
     parser.add_argument("--kv-cache-memory", type=parse_size, default=None,
                         help="KV cache size in bytes, e.g. 512M or 2G (default: a fraction of free memory)")
+    parser.add_argument("--kv-dtype", choices=[d.value for d in KVDtype], default="auto",
+                        help="what the KV cache stores: auto = the activation dtype (exact); bf16/fp16 halve and "
+                             "int8 quarters fp32's bytes per token, so the same memory holds 2x/4x the tokens")
     parser.add_argument("--max-num-seqs", type=_positive_int, default=None, help="sequences per step")
     parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=None, help="tokens per step")
     parser.add_argument("--max-model-len", type=_positive_int, default=None,
@@ -121,7 +125,8 @@ def _load(args: argparse.Namespace):
     from freehold.llm import LLM  # heavy import, after the socket is known to be free
 
     options = {"kv_cache_memory": args.kv_cache_memory, "max_num_seqs": args.max_num_seqs,
-               "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len}
+               "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len,
+               "kv_dtype": KVDtype(args.kv_dtype)}
     options = {k: v for k, v in options.items() if v is not None}
     if args.no_prefix_cache:
         options["enable_prefix_caching"] = False

@@ -18,7 +18,7 @@ def test_eval_ppl_matches_transformers(default_model_file):
                           "--weights", "fp32"],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr
-    ours = float(re.search(r"perplexity ([0-9.]+) over 32736 predicted tokens", run.stdout).group(1))
+    ours = float(re.search(r"perplexity ([0-9.]+) \(.*\) over 32736 predicted tokens", run.stdout).group(1))
 
     path = default_model_file
     ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()

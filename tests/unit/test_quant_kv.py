@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from freehold.layers.attention import AttentionMetadata, KVCache, paged_attention
-from freehold.quant.kv_int8 import Int8KVCache, int8_kv_bytes_per_token
+from freehold.config import ModelConfig
+from freehold.quant.kv_int8 import Int8KVCache
 
 LAYERS, BLOCKS, BLOCK, KVH, D = 2, 6, 4, 2, 16
 
@@ -44,12 +45,28 @@ def test_gather_returns_the_activation_dtype_for_batched_tables():
     assert torch.equal(k[0, 4:6], k[1, 0:2])  # block 1 seen from both tables
 
 
+def _config(layers, kv_heads, head_dim):
+    return ModelConfig("llama", 100, kv_heads * head_dim, 64, layers, kv_heads, kv_heads, head_dim, 128)
+
+
 def test_num_bytes_follows_the_per_token_formula():
     _, cache = both_caches()
-    per_token = int8_kv_bytes_per_token(LAYERS, KVH, D)
+    per_token = _config(LAYERS, KVH, D).kv_bytes_per_token(torch.int8)
     assert per_token == LAYERS * 2 * KVH * (D + 2)
     assert cache.num_bytes == per_token * BLOCKS * BLOCK
-    assert int8_kv_bytes_per_token(30, 3, 64) == 11880  # SmolLM2-135M: about half of bf16's 23,040
+    assert _config(30, 3, 64).kv_bytes_per_token(torch.int8) == 11880  # SmolLM2-135M: about half of bf16's 23,040
+
+
+def test_round_trip_is_what_gather_returns():
+    ref, cache = both_caches()
+    half = KVCache(LAYERS, BLOCKS, BLOCK, KVH, D, torch.bfloat16, "cpu")
+    k, v = torch.randn(5, KVH, D), torch.randn(5, KVH, D)
+    for c in (ref, cache, half):
+        c.write(0, torch.arange(5), k, v)
+        rk, rv = c.round_trip(k, v)
+        gk, gv = c.gather(0, torch.tensor([0, 1]), 5)
+        assert rk.dtype == torch.float32 and torch.equal(rk, gk) and torch.equal(rv, gv)
+    assert ref.round_trip(k, v)[0] is k  # a cache in the activation dtype stores K/V exactly
 
 
 def test_decode_attention_over_int8_cache_matches_float_cache():
@@ -90,3 +107,28 @@ def test_engine_decodes_through_an_int8_cache_like_a_full_recompute():
             for _ in range(12):
                 ids.append(int(model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)))[-1:]).argmax()))
             assert out[rid] == ids[len(prompt):], rid
+
+
+@pytest.mark.parametrize("kv_dtype, storage", [("int8", torch.int8), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_kv_dtype_sets_the_cache_and_the_budget(kv_dtype, storage):
+    """--kv-dtype picks the cache class and its bytes per token, so the same memory holds more tokens."""
+    from freehold.config import KVDtype
+    from freehold.types import SamplingParams
+    from tests.conftest import TINY, tiny_engine
+    memory = 64 * 16 * TINY.kv_bytes_per_token(torch.float32)
+    fp32, engine = tiny_engine(kv_cache_memory=memory), tiny_engine(kv_cache_memory=memory, kv_dtype=KVDtype(kv_dtype))
+    assert engine.budget.bytes_per_token == TINY.kv_bytes_per_token(storage)
+    assert engine.runner.cache.k.dtype == storage
+    assert isinstance(engine.runner.cache, Int8KVCache) == (storage == torch.int8)
+    assert engine.runner.cache.num_bytes == engine.budget.num_bytes <= memory
+    assert engine.budget.num_tokens >= (3.5 if storage == torch.int8 else 2) * fp32.budget.num_tokens
+    for e in (fp32, engine):
+        e.add_request("a", list(range(1, 40)), SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    outs = []
+    for e in (fp32, engine):
+        tokens = []
+        while e.has_unfinished():
+            tokens += [t for o in e.step() for t in o.outputs[0].token_ids]
+        e.check_integrity()
+        outs.append(tokens)
+    assert len(outs[1]) == 8 and outs[1][0] == outs[0][0]  # peaked logits: the rounded cache agrees at first
