@@ -2,7 +2,8 @@
 
 The flat batch holds T tokens: first the decode tokens (one per decoding sequence), then the prefill chunks.
 Each layer writes its new K/V into cache slots (slot = block_id * block_size + offset) and then attends:
-  decode:  one batched SDPA over each sequence's gathered blocks, masked past its context length;
+  decode:  on CPU, the native kernel (kernels/paged_attention.c) reads each sequence's blocks in place; elsewhere
+           one batched SDPA over each sequence's gathered blocks, masked past its context length;
   prefill: one SDPA per chunk; a chunk that starts at position 0 attends to its own K/V (as the cache stores them:
            rounded to bf16 or int8 when the cache is) with a causal mask, a chunk that continues a cached prefix
            gathers the prefix from the cache and uses an offset causal mask.
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from freehold.kernels import native
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,17 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64 (padded with block 0)
     decode_context_lens: torch.Tensor | None  # [B] int64
     prefills: tuple[PrefillChunk, ...]
+
+
+@dataclass(frozen=True)
+class NativeKV:
+    """One layer's storage as the native decode kernel reads it."""
+
+    k: torch.Tensor  # [num_blocks, block_size, KVH, D], contiguous
+    v: torch.Tensor
+    k_scales: torch.Tensor | None  # int8 only: fp16 [num_blocks, block_size, KVH]
+    v_scales: torch.Tensor | None
+    code: int  # element type: 0 fp32, 1 bf16, 2 int8
 
 
 class KVCache:
@@ -74,6 +88,13 @@ class KVCache:
         return (self._gather(self.k[layer], block_tables, length, "k"),
                 self._gather(self.v[layer], block_tables, length, "v"))
 
+    def native_view(self, layer: int) -> NativeKV | None:
+        """This layer's K/V for the native kernel, or None where it cannot read them (device, dtype)."""
+        code = {torch.float32: 0, torch.bfloat16: 1}.get(self.k.dtype)
+        if code is None or self.k.device.type != "cpu":
+            return None
+        return NativeKV(self.k[layer], self.v[layer], None, None, code)
+
     def workspace(self, name: str, rows: int, row_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A [rows, *row_shape] buffer that grows to the largest request and is then reused."""
         buf = self._workspace.get(name)
@@ -101,6 +122,33 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return out.transpose(1, 2)
 
 
+def _decode_attention(layer: int, q: torch.Tensor, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+    """q: [B, H, D], one token per decoding sequence -> [B, H, D]."""
+    kernel = native.paged_attention() if q.device.type == "cpu" and q.dtype == torch.float32 else None
+    view = cache.native_view(layer) if kernel is not None else None
+    if view is not None:
+        return _native_decode(kernel, view, q.contiguous(), meta)
+    max_len = int(meta.decode_context_lens.max())
+    kd, vd = cache.gather(layer, meta.decode_block_tables, max_len)  # [B, S, KVH, D]
+    pos = torch.arange(max_len, device=q.device)
+    mask = (pos[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    return _sdpa(q[:, None], kd, vd, mask, causal=False)[:, 0]
+
+
+def _native_decode(kernel, kv: NativeKV, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    batch, heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = kv.k.shape
+    tables, lens = meta.decode_block_tables.contiguous(), meta.decode_context_lens.contiguous()
+    out = torch.empty_like(q)
+    scales = (kv.k_scales.data_ptr(), kv.v_scales.data_ptr()) if kv.k_scales is not None else (None, None)
+    status = kernel(q.data_ptr(), out.data_ptr(), kv.k.data_ptr(), kv.v.data_ptr(), *scales, kv.code,
+                    tables.data_ptr(), lens.data_ptr(), batch, tables.shape[1], heads, kv_heads, head_dim,
+                    block_size, head_dim ** -0.5)
+    if status:
+        raise RuntimeError(f"native paged attention failed (status {status}: shape or memory)")
+    return out
+
+
 def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cache: KVCache | None, meta: AttentionMetadata | None) -> torch.Tensor:
     """q: [T, H, D], k/v: [T, KVH, D] for the new tokens -> [T, H, D].
@@ -111,13 +159,8 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         return _sdpa(q[None], k[None], v[None], None, causal=True)[0]
     cache.write(layer, meta.slot_mapping, k, v)
     out = torch.empty_like(q)
-    n = meta.num_decode
-    if n:
-        max_len = int(meta.decode_context_lens.max())
-        kd, vd = cache.gather(layer, meta.decode_block_tables, max_len)  # [B, S, KVH, D]
-        pos = torch.arange(max_len, device=q.device)
-        mask = (pos[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
-        out[:n] = _sdpa(q[:n, None], kd, vd, mask, causal=False)[:, 0]
+    if meta.num_decode:
+        out[:meta.num_decode] = _decode_attention(layer, q[:meta.num_decode], cache, meta)
     for chunk in meta.prefills:
         qs = q[chunk.start:chunk.end]
         if chunk.context_len == chunk.num_new:  # fresh sequence: attend to its own new K/V

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from freehold.config import KV_INT8_SCALE_BYTES
-from freehold.layers.attention import KVCache
+from freehold.layers.attention import KVCache, NativeKV
 
 SCALE_DTYPE = torch.float16
 _TINY = torch.finfo(SCALE_DTYPE).tiny
@@ -64,6 +64,11 @@ class Int8KVCache(KVCache):
         for i, (data, scales) in enumerate(((self.k, self.k_scale), (self.v, self.v_scale))):
             data[layer].view(-1, *q.shape[2:]).index_copy_(0, slots, q[i])
             scales[layer].view(-1, scale.shape[2]).index_copy_(0, slots, scale[i])
+
+    def native_view(self, layer: int) -> NativeKV | None:
+        if self.k.device.type != "cpu":
+            return None
+        return NativeKV(self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer], code=2)
 
     def round_trip(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, scale = quantize_heads(torch.stack([k, v]))

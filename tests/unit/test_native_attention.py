@@ -1,0 +1,61 @@
+"""The native paged decode-attention kernel equals gather + SDPA (the torch path) for every cache dtype, reads
+blocks in any order, and gives a sequence the same result whatever else is in the batch."""
+import pytest
+import torch
+
+from freehold.kernels import native
+from freehold.layers.attention import AttentionMetadata, KVCache, _decode_attention
+from freehold.quant.kv_int8 import Int8KVCache
+
+pytestmark = pytest.mark.skipif(native.paged_attention() is None, reason="no C compiler: the torch path is used")
+
+BLOCKS, BS, KVH, D, H = 40, 16, 3, 64, 9
+
+
+def filled(kind: str):
+    torch.manual_seed(0)
+    cache = (Int8KVCache(1, BLOCKS, BS, KVH, D, torch.float32, "cpu") if kind == "int8"
+             else KVCache(1, BLOCKS, BS, KVH, D, {"fp32": torch.float32, "bf16": torch.bfloat16}[kind], "cpu"))
+    cache.write(0, torch.arange(BLOCKS * BS), torch.randn(BLOCKS * BS, KVH, D) * 2, torch.randn(BLOCKS * BS, KVH, D))
+    return cache
+
+
+def decode(cache, q, tables, lens, use_native: bool, monkeypatch):
+    monkeypatch.setenv(native.ENV_SWITCH, "1" if use_native else "0")
+    native.paged_attention.cache_clear()
+    try:
+        meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), len(lens), tables, lens, ())
+        return _decode_attention(0, q, cache, meta)
+    finally:
+        native.paged_attention.cache_clear()
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+def test_kernel_matches_gather_and_sdpa(kind, monkeypatch):
+    cache = filled(kind)
+    lens = torch.tensor([1, 16, 17, 100, 163])  # one token, a full block, a block and one, ...
+    tables = torch.stack([torch.randperm(BLOCKS)[:11] for _ in lens])  # scattered, unordered blocks
+    q = torch.randn(len(lens), H, D)
+    got = decode(cache, q, tables, lens, True, monkeypatch)
+    want = decode(cache, q, tables, lens, False, monkeypatch)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_a_sequence_gets_the_same_output_in_any_batch(monkeypatch):
+    cache = filled("fp32")
+    tables = torch.stack([torch.randperm(BLOCKS)[:8] for _ in range(6)])
+    lens = torch.tensor([120, 7, 64, 33, 128, 90])
+    q = torch.randn(6, H, D)
+    together = decode(cache, q, tables, lens, True, monkeypatch)
+    for i in range(6):
+        alone = decode(cache, q[i:i + 1], tables[i:i + 1], lens[i:i + 1], True, monkeypatch)
+        assert torch.equal(alone[0], together[i])
+
+
+def test_switch_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    native.paged_attention.cache_clear()
+    try:
+        assert native.paged_attention() is None
+    finally:
+        native.paged_attention.cache_clear()
