@@ -1,27 +1,69 @@
 """Logit penalties and masks: the stages that run before temperature, as pure tensor functions.
 
 Every function takes the batch's logits [B, V] (fp32) and returns new logits [B, V]; none mutates its
-input. Per-row parameters arrive as tensors [B] (or sparse (row, token) index lists), built once per step
-by the sampler. A row whose parameter is neutral (penalty 1, presence 0, ...) comes out unchanged.
+input. The tokens a penalty touches travel as flat indices key = row * V + token into the logits, with the
+penalty of each (one number when every row shares it), so a step costs one copy of the logits plus work
+proportional to the number of prompt and output tokens, not to B * V. Token ids are packed with `array`
+(a C loop) rather than torch.tensor on a list, which checks every element's type.
 """
 from __future__ import annotations
 
-import itertools
+import array
 from collections.abc import Sequence
+from typing import NamedTuple, Union
 
 import torch
 
 NEG_INF = float("-inf")
 
+PerKey = Union[float, torch.Tensor]  # one value for every key, or a float32 tensor [N] (one per key)
 
-def count_tokens(token_ids: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """counts[b, t] = number of times token t occurs in token_ids[b]. Returns int32 [B, V] on device.
-    Only the ids travel to the device; the [B, V] table is built there."""
-    lengths = torch.tensor([len(ids) for ids in token_ids], dtype=torch.long)
-    rows = torch.repeat_interleave(torch.arange(len(token_ids)), lengths).to(device)
-    cols = torch.tensor(list(itertools.chain.from_iterable(token_ids)), dtype=torch.long).to(device)
-    counts = torch.zeros(len(token_ids), vocab_size, dtype=torch.int32, device=device)
-    return counts.index_put_((rows, cols), torch.ones_like(cols, dtype=torch.int32), accumulate=True)
+
+class Penalized(NamedTuple):
+    """The tokens one penalty touches, as flat keys row * V + token id into the logits, with its parameters."""
+    keys: torch.Tensor  # long [N]
+    counts: torch.Tensor | None  # long [N] occurrences of each (distinct) key; None: keys may repeat
+    values: tuple[PerKey, ...]  # the penalty's parameters for the row of each key
+
+
+def token_keys(token_ids: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Flat keys row * V + id of every token in every row (token_ids[b]: the ids of batch row b)."""
+    ids, offsets = array.array("q"), array.array("q")
+    for row, row_ids in enumerate(token_ids):
+        if isinstance(row_ids, list):
+            ids.fromlist(row_ids)
+        else:
+            ids.extend(row_ids)
+        offsets.extend(array.array("q", [row * vocab_size]) * len(row_ids))
+    if not ids:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return (torch.frombuffer(ids, dtype=torch.long) + torch.frombuffer(offsets, dtype=torch.long)).to(device)
+
+
+def per_key(values: Sequence[float], active: Sequence[bool], keys: torch.Tensor, vocab_size: int) -> PerKey:
+    """The parameter of each key's row: one float when every active row shares it, else a tensor [N]."""
+    shared = {v for v, on in zip(values, active) if on}
+    if len(shared) <= 1:
+        return shared.pop() if shared else 0.0
+    return torch.tensor(values, dtype=torch.float32, device=keys.device)[keys // vocab_size]
+
+
+def apply_penalties(logits: torch.Tensor, seen: Penalized | None, counted: Penalized | None) -> torch.Tensor:
+    """Repetition penalty (HF / vLLM / CTRL rule) on tokens seen in prompt or output, then presence and
+    frequency penalties (OpenAI rule) on generated tokens:
+        seen (values = (r,)):                     l' = l / r  if l > 0,  l * r  otherwise
+        counted c > 0 (values = (presence, frequency)):  l' = l - frequency * c - presence
+    r > 1 makes a seen token less likely whatever the sign of its logit. Other tokens keep their logit, as
+    under the dense rule with c = 0; a key seen twice is written twice with the same value."""
+    out = logits.clone()
+    flat = out.view(-1)
+    if seen is not None and seen.keys.numel():
+        value, (r,) = flat[seen.keys], seen.values
+        flat[seen.keys] = torch.where(value > 0, value / r, value * r)
+    if counted is not None and counted.keys.numel():
+        presence, frequency = counted.values
+        flat[counted.keys] = flat[counted.keys] - frequency * counted.counts - presence
+    return out
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor,
@@ -33,24 +75,6 @@ def apply_logit_bias(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Ten
 def mask_tokens(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """l[r, t] = -inf, for each (r, t) pair (used to hold back EOS / stop ids until min_tokens)."""
     return logits.index_put((rows, tokens), torch.tensor(NEG_INF, dtype=logits.dtype, device=logits.device))
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    """HF / vLLM / CTRL rule, for tokens seen in prompt or output (seen: bool [B, V], penalty: [B]):
-        l' = l / r  if l > 0
-        l' = l * r  otherwise
-    so r > 1 always makes a seen token less likely, whatever the sign of its logit."""
-    r = penalty.unsqueeze(1)
-    penalized = torch.where(logits > 0, logits / r, logits * r)
-    return torch.where(seen, penalized, logits)
-
-
-def apply_presence_frequency_penalties(logits: torch.Tensor, output_counts: torch.Tensor,
-                                       presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
-    """OpenAI rule, over generated tokens only (output_counts: [B, V], presence / frequency: [B]):
-        l' = l - frequency * c - presence * [c > 0]"""
-    counts = output_counts.to(logits.dtype)
-    return logits - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * (counts > 0).to(logits.dtype)
 
 
 def apply_allowed_mask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -10,14 +10,18 @@ Order of operations (vLLM's):
     6. greedy rows (temperature 0)   argmax of the result of 1-5; they skip 7-11
     7. temperature                   l / T
     8. top-k   9. top-p   10. min-p  (see transforms.py)
-    11. draw                         inverse CDF with one uniform per row from the row's generator
+    11. draw                         inverse CDF with one uniform per row from the row's generator (draw.py)
 
 Logprobs are log_softmax of the RAW model logits (before any of the above), as OpenAI and vLLM report them.
 
-Every stage is a tensor op over the whole [B, V] batch with per-row parameter tensors built once per call;
-a stage no row needs is skipped, so a plain greedy or temperature-only batch costs one argmax or one
-noise draw. A seeded row draws its noise from its own generator and therefore picks the same token alone or
-in any batch; unseeded rows share the sampler's generator.
+Stages are tensor ops over the batch; a per-row parameter is a Python number when every row shares it, else
+a [B, 1] tensor, and a stage no row needs is skipped. Penalties touch only the (row, token) pairs seen in
+prompt and output. Stages 6-11 split the rows in three groups, each a few passes over its logits:
+    greedy rows               a two-level argmax                                     (chunked.py)
+    rows with top-k / top-p   top-K candidates, filtered, drawn in vocabulary order  (transforms.py)
+    the other sampled rows    softmax(l / T), min-p, the two-level inverse-CDF draw  (draw.py)
+A seeded row draws its uniform from its own generator and therefore picks the same token alone or in any
+batch; unseeded rows share the sampler's generator.
 """
 from __future__ import annotations
 
@@ -29,11 +33,12 @@ import torch
 
 from freehold.constrain.matcher import apply_token_bitmask
 from freehold.errors import InvalidRequestError
-from freehold.sampling.penalties import (apply_allowed_mask, apply_logit_bias, apply_presence_frequency_penalties,
-                                         apply_repetition_penalty, count_tokens, mask_tokens)
-from freehold.sampling.transforms import (CANDIDATES, apply_min_p, apply_temperature, apply_top_k_top_p,
-                                          draw_inverse_cdf, is_greedy_temperature,
-                                          top_k_top_p_candidates)
+from freehold.sampling.chunked import argmax_rows
+from freehold.sampling.draw import draw_inverse_cdf, draw_inverse_cdf_chunked
+from freehold.sampling.penalties import (Penalized, apply_allowed_mask, apply_logit_bias, apply_penalties,
+                                         mask_tokens, per_key, token_keys)
+from freehold.sampling.transforms import (CANDIDATES, Column, apply_temperature, apply_top_k_top_p,
+                                          filter_candidates, is_greedy_temperature, min_p_weights)
 from freehold.types import SamplingParams, TokenLogprob
 
 
@@ -82,7 +87,7 @@ class Sampler:
         self.vocab_size = vocab_size
         self.device = _canonical_device(torch.device(device))
         self.eos_token_ids = tuple(eos_token_ids)
-        self.max_candidates = 4096  # above this many top-k candidates a full sort is as cheap
+        self.max_candidates = 4096  # top-p rows not covered by this many candidates take the full sort
         self.generator = torch.Generator(device=self.device)
         if seed is None:
             self.generator.seed()
@@ -103,8 +108,7 @@ class Sampler:
         assert logits.device == self.device, f"logits on {logits.device}, sampler on {self.device}"
         raw = logits.float()
         processed = self.process_logits(raw, rows)
-        greedy = [is_greedy(r.params) for r in rows]
-        tokens = processed.argmax(dim=-1) if all(greedy) else self._draw(processed, rows, greedy)
+        tokens = self._draw(processed, rows)
         token_ids = tokens.tolist()
         return SamplerOutput(token_ids, self._logprobs(raw, tokens, rows))
 
@@ -149,18 +153,27 @@ class Sampler:
         needs_pf = [p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params]
         if not any(needs_rep) and not any(needs_pf):
             return logits
-        # Rows that need no penalty contribute no tokens: their counts stay 0 and their parameters are neutral.
-        outputs = [r.output_token_ids if rep or pf else () for r, rep, pf in zip(rows, needs_rep, needs_pf)]
-        output_counts = count_tokens(outputs, self.vocab_size, logits.device)
-        if any(needs_rep):
-            prompts = [r.prompt_token_ids if rep else () for r, rep in zip(rows, needs_rep)]
-            seen = (count_tokens(prompts, self.vocab_size, logits.device) + output_counts) > 0
-            logits = apply_repetition_penalty(logits, seen, self._float([p.repetition_penalty for p in params]))
-        if any(needs_pf):
-            logits = apply_presence_frequency_penalties(logits, output_counts,
-                                                        self._float([p.presence_penalty for p in params]),
-                                                        self._float([p.frequency_penalty for p in params]))
-        return logits
+        seen = self._seen_tokens(rows, needs_rep) if any(needs_rep) else None
+        counted = self._output_counts(rows, needs_pf) if any(needs_pf) else None
+        return apply_penalties(logits, seen, counted)
+
+    def _seen_tokens(self, rows: Sequence[SamplingRow], needs: list[bool]) -> Penalized:
+        """Every prompt and output token of the rows with a repetition penalty (a key may repeat)."""
+        keys = torch.cat([token_keys([r.prompt_token_ids if n else () for r, n in zip(rows, needs)],
+                                     self.vocab_size, self.device),
+                          token_keys([r.output_token_ids if n else () for r, n in zip(rows, needs)],
+                                     self.vocab_size, self.device)])
+        return Penalized(keys, None, (per_key([r.params.repetition_penalty for r in rows], needs, keys,
+                                              self.vocab_size),))
+
+    def _output_counts(self, rows: Sequence[SamplingRow], needs: list[bool]) -> Penalized:
+        """Each distinct output token of the rows with a presence / frequency penalty, with its count."""
+        outputs = token_keys([r.output_token_ids if n else () for r, n in zip(rows, needs)], self.vocab_size,
+                             self.device)
+        keys, counts = torch.unique(outputs, return_counts=True)
+        presence = per_key([r.params.presence_penalty for r in rows], needs, keys, self.vocab_size)
+        frequency = per_key([r.params.frequency_penalty for r in rows], needs, keys, self.vocab_size)
+        return Penalized(keys, counts, (presence, frequency))
 
     def _apply_allowed_masks(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[torch.Tensor, bool]:
         masks = [r.allowed_token_mask for r in rows]
@@ -170,48 +183,108 @@ class Sampler:
         allowed = torch.stack([everything if m is None else m.to(logits.device) for m in masks])
         return apply_allowed_mask(logits, allowed), True
 
-    def _draw(self, logits: torch.Tensor, rows: Sequence[SamplingRow], greedy: list[bool]) -> torch.Tensor:
-        """Stages 6-11. Greedy rows get neutral parameters here and their argmax is put back at the end."""
-        sampled = [p for p, g in zip((r.params for r in rows), greedy) if not g]
-        scaled = logits
-        if any(p.temperature != 1.0 for p in sampled):
-            scaled = apply_temperature(logits, self._float([1.0 if g else r.params.temperature
-                                                            for r, g in zip(rows, greedy)]))
-        top_k = top_p = None
-        if any(p.top_k is not None and p.top_k < self.vocab_size for p in sampled):
-            top_k = self._long([self.vocab_size if g or r.params.top_k is None
-                                else min(r.params.top_k, self.vocab_size) for r, g in zip(rows, greedy)])
-        if any(p.top_p < 1.0 for p in sampled):
-            top_p = self._float([1.0 if g else r.params.top_p for r, g in zip(rows, greedy)])
-        if top_k is not None or top_p is not None:
-            scaled = self._filter_top_k_top_p(scaled, top_k, top_p)
-        if any(p.min_p > 0.0 for p in sampled):
-            scaled = apply_min_p(scaled, self._float([0.0 if g else r.params.min_p for r, g in zip(rows, greedy)]))
-        tokens = draw_inverse_cdf(scaled, self._uniforms(rows, greedy))
-        if any(greedy):
-            tokens = torch.where(torch.tensor(greedy, device=logits.device), logits.argmax(dim=-1), tokens)
+    def _draw(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """Stages 6-11: each group of rows (greedy, top-k / top-p, the rest) is drawn on its own logits."""
+        greedy = [is_greedy(r.params) for r in rows]
+        uniforms = self._uniforms(rows, greedy)
+        filtered = [not g and self._has_top_k_or_top_p(r.params) for r, g in zip(rows, greedy)]
+        plain = [not g and not f for g, f in zip(greedy, filtered)]
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        for selected, draw in ((greedy, self._draw_greedy), (filtered, self._draw_filtered),
+                               (plain, self._draw_plain)):
+            index = [i for i, s in enumerate(selected) if s]
+            if len(index) == len(rows):
+                return draw(logits, rows, uniforms)
+            if index:
+                at = self._long(index)
+                tokens[at] = draw(logits[at], [rows[i] for i in index], uniforms[at])
         return tokens
 
-    def _filter_top_k_top_p(self, logits: torch.Tensor, top_k: torch.Tensor | None,
-                            top_p: torch.Tensor | None) -> torch.Tensor:
-        """Top-K candidates when they provably hold every kept token, else a full sort (same result)."""
-        k = top_k if top_k is not None else self._long([self.vocab_size] * logits.shape[0])
-        p = top_p if top_p is not None else self._float([1.0] * logits.shape[0])
-        k_set = [v for v in k.tolist() if v < self.vocab_size]
-        num = max([*k_set, CANDIDATES if top_p is not None else 1])
-        fast = top_k_top_p_candidates(logits, k, p, num) if num <= self.max_candidates else None
-        return fast if fast is not None else apply_top_k_top_p(logits, top_k, top_p)
+    def _draw_greedy(self, logits: torch.Tensor, rows: Sequence[SamplingRow], uniforms: torch.Tensor) -> torch.Tensor:
+        return argmax_rows(logits)
+
+    def _draw_plain(self, logits: torch.Tensor, rows: Sequence[SamplingRow], uniforms: torch.Tensor) -> torch.Tensor:
+        """Temperature and min-p only: p = softmax(l / T) over the vocabulary, two-level draw."""
+        if any(r.params.temperature != 1.0 for r in rows):
+            logits = apply_temperature(logits, self._column([r.params.temperature for r in rows]))
+        probs = logits.softmax(dim=-1)
+        if any(r.params.min_p > 0.0 for r in rows):
+            probs = min_p_weights(probs, self._column([r.params.min_p for r in rows]))
+        return draw_inverse_cdf_chunked(probs, uniforms)
+
+    def _draw_filtered(self, logits: torch.Tensor, rows: Sequence[SamplingRow], uniforms: torch.Tensor,
+                       num_candidates: int | None = None) -> torch.Tensor:
+        """Rows with top-k or top-p: drawn among the top candidates where those provably hold every kept token.
+        Top-p rows that reach further retry with max_candidates, then take the full sort."""
+        filters = self._filters(rows)
+        num = num_candidates or self._num_candidates(rows)
+        candidates = filter_candidates(logits, *filters, num)
+        # draw in vocabulary order, as over the full vocabulary: the token for a given u then depends on
+        # neither the number of candidates (other rows' top-k) nor the order of tied candidates
+        order = candidates.token_ids.argsort(dim=-1)
+        token_ids = candidates.token_ids.gather(1, order)
+        position = draw_inverse_cdf(candidates.weights.gather(1, order), uniforms)
+        tokens = token_ids.gather(1, position.unsqueeze(1)).squeeze(1)
+        if candidates.covered is None or bool(candidates.covered.all()):
+            return tokens
+        missing = (~candidates.covered).nonzero().squeeze(1)  # top-p rows only: top-k rows are always covered
+        left = [rows[i] for i in missing.tolist()]
+        if num < self.max_candidates:
+            tokens[missing] = self._draw_filtered(logits[missing], left, uniforms[missing], self.max_candidates)
+        else:
+            tokens[missing] = self._draw_sorted(logits[missing], left, uniforms[missing])
+        return tokens
+
+    def _num_candidates(self, rows: Sequence[SamplingRow]) -> int:
+        """The largest top-k; CANDIDATES if some row has top-p without top-k."""
+        top_ks = [r.params.top_k for r in rows if self._has_top_k(r.params)]
+        return max(top_ks + [CANDIDATES if len(top_ks) < len(rows) else 1])
+
+    def _draw_sorted(self, logits: torch.Tensor, rows: Sequence[SamplingRow], uniforms: torch.Tensor) -> torch.Tensor:
+        """The reference path: temperature, a full sort for top-k / top-p, min-p, two-level draw."""
+        temperature, top_k, top_p, min_p = self._filters(rows)
+        probs = apply_top_k_top_p(apply_temperature(logits, temperature), top_k, top_p).softmax(dim=-1)
+        return draw_inverse_cdf_chunked(probs if min_p is None else min_p_weights(probs, min_p), uniforms)
+
+    def _filters(self, rows: Sequence[SamplingRow]) -> tuple[Column, Column | None, Column | None, Column | None]:
+        """(temperature, top_k, top_p, min_p) as columns; a filter no row uses is None. Off values inside a
+        column: top_k = V, top_p = 1.0, min_p = 0.0."""
+        params = [r.params for r in rows]
+        top_k = [min(p.top_k, self.vocab_size) if self._has_top_k(p) else self.vocab_size for p in params]
+        return (self._column([p.temperature for p in params]),
+                self._column(top_k) if any(k < self.vocab_size for k in top_k) else None,
+                self._column([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None,
+                self._column([p.min_p for p in params]) if any(p.min_p > 0.0 for p in params) else None)
+
+    def _column(self, values: Sequence[float] | Sequence[int]) -> Column:
+        """One number when every row shares it (the op then takes a scalar), else a [R, 1] tensor."""
+        first = values[0]
+        if all(v == first for v in values):
+            return first
+        dtype = torch.long if isinstance(first, int) else torch.float32
+        return torch.tensor(values, dtype=dtype, device=self.device).unsqueeze(1)
+
+    def _has_top_k(self, params: SamplingParams) -> bool:
+        return params.top_k is not None and params.top_k < self.vocab_size
+
+    def _has_top_k_or_top_p(self, params: SamplingParams) -> bool:
+        return self._has_top_k(params) or params.top_p < 1.0
 
     def _uniforms(self, rows: Sequence[SamplingRow], greedy: list[bool]) -> torch.Tensor:
         """u ~ U[0, 1) [B]: one draw per row per step, seeded rows from their own generator (so the row's
         stream does not depend on the batch), unseeded rows in one draw from the shared generator."""
-        u = torch.zeros(len(rows), device=self.device)
         shared = [i for i, (r, g) in enumerate(zip(rows, greedy)) if not g and r.generator is None]
+        seeded = [i for i, (r, g) in enumerate(zip(rows, greedy)) if not g and r.generator is not None]
+        if len(shared) == len(rows):
+            return torch.rand(len(rows), device=self.device, generator=self.generator)
+        own = [torch.rand(1, device=self.device, generator=rows[i].generator) for i in seeded]
+        if len(seeded) == len(rows):
+            return torch.cat(own)
+        u = torch.zeros(len(rows), device=self.device)
         if shared:
-            u[shared] = torch.rand(len(shared), device=self.device, generator=self.generator)
-        for i, (r, g) in enumerate(zip(rows, greedy)):
-            if not g and r.generator is not None:
-                u[i] = torch.rand(1, device=self.device, generator=r.generator)[0]
+            u[self._long(shared)] = torch.rand(len(shared), device=self.device, generator=self.generator)
+        if seeded:
+            u[self._long(seeded)] = torch.cat(own)
         return u
 
     def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor,
@@ -235,9 +308,6 @@ class Sampler:
 
     def _long(self, values: Sequence[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
-
-    def _float(self, values: Sequence[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=self.device)
 
 
 def _check_something_allowed(logits: torch.Tensor) -> None:

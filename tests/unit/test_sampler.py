@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from freehold.errors import InvalidRequestError
-from freehold.sampling import NoAllowedTokenError, Sampler, SamplingRow, make_generator
-from freehold.sampling.penalties import count_tokens
+from freehold.sampling import NoAllowedTokenError, Sampler, SamplingRow, make_generator, transform_probs
+from freehold.sampling.penalties import per_key, token_keys
 from freehold.types import SamplingParams
 
 VOCAB = 32
@@ -49,9 +49,13 @@ def test_repetition_penalty_below_one_encourages_seen_tokens():
     assert torch.allclose(out, torch.tensor([[4.0, -1.0, 1.0]]))
 
 
-def test_count_tokens():
-    counts = count_tokens([[1, 1, 2], [], [0]], 3, torch.device("cpu"))
-    assert counts.tolist() == [[0, 2, 1], [0, 0, 0], [1, 0, 0]]
+def test_sparse_token_keys_and_parameters():
+    cpu = torch.device("cpu")
+    keys = token_keys([[1, 1, 2], (), (0,)], 3, cpu)
+    assert keys.tolist() == [1, 1, 2, 6]  # row * 3 + id, repeats kept
+    assert token_keys([(), []], 3, cpu).numel() == 0
+    assert per_key([0.5, 0.9, 0.5], [True, False, True], keys, 3) == 0.5  # one number when the rows agree
+    assert per_key([0.5, 0.9, 0.7], [True, False, True], keys, 3).tolist() == pytest.approx([0.5, 0.5, 0.5, 0.7])
 
 
 def test_penalties_change_the_greedy_choice():
@@ -195,19 +199,48 @@ def test_check_params_rejects_out_of_vocab_ids():
 
 
 def test_candidate_filter_equals_full_sort_filter():
-    """The top-K candidate shortcut gives exactly the full-sort filter, or declines (None) when top-p might
-    reach past the candidates; rows without a filter keep every token."""
-    from freehold.sampling.transforms import apply_top_k_top_p, top_k_top_p_candidates
+    """The top-K candidate filter gives the full-sort distribution (same support, same probabilities) on every
+    covered row, and declines (not covered) when top-p might reach past the candidates."""
+    from freehold.sampling.transforms import apply_temperature, apply_top_k_top_p, filter_candidates, min_p_weights
     gen = torch.Generator().manual_seed(0)
-    V = 300
-    logits = torch.randn(6, V, generator=gen) * 3
-    top_k = torch.tensor([V, 5, V, 40, V, 12])
-    top_p = torch.tensor([0.5, 1.0, 0.3, 0.9, 1.0, 0.6])
-    fast = top_k_top_p_candidates(logits, top_k, top_p, 64)
-    assert fast is not None
-    full = apply_top_k_top_p(logits, top_k, top_p)
-    assert torch.equal(torch.isinf(fast), torch.isinf(full))
-    assert torch.equal(fast[~torch.isinf(fast)], full[~torch.isinf(full)])
-    assert not torch.isinf(fast[4]).any()  # no filter on row 4
-    flat = torch.zeros(1, V)  # uniform: top-p 0.9 needs 270 tokens, more than 64 candidates
-    assert top_k_top_p_candidates(flat, torch.tensor([V]), torch.tensor([0.9]), 64) is None
+    V = 4096
+    logits = torch.randn(7, V, generator=gen) * 3
+    logits[4, 0] = 40.0  # row 4 (top-p off): the cumulative mass reaches 1.0 in float32 after one token
+    temperature = torch.tensor([[1.0], [0.7], [1.3], [1.0], [0.5], [2.0], [1.0]])  # one column per parameter
+    top_k = torch.tensor([[V], [5], [V], [40], [200], [12], [64]])  # V: off
+    top_p = torch.tensor([[0.5], [1.0], [0.3], [0.9], [1.0], [0.6], [1.0]])  # 1: off
+    min_p = torch.tensor([[0.0], [0.0], [0.1], [0.05], [0.0], [0.2], [0.0]])
+    cand = filter_candidates(logits, temperature, top_k, top_p, min_p, 256)
+    assert cand.covered is not None and cand.covered.all()
+    reference = min_p_weights(apply_top_k_top_p(apply_temperature(logits, temperature), top_k, top_p).softmax(-1),
+                              min_p)
+    reference = reference / reference.sum(-1, keepdim=True)
+    drawn = torch.zeros(7, V).scatter_(1, cand.token_ids, cand.weights / cand.weights.sum(-1, keepdim=True))
+    assert torch.equal(drawn > 0, reference > 0)
+    assert torch.allclose(drawn, reference, rtol=1e-5, atol=1e-7)
+    assert int((drawn[1] > 0).sum()) == 5 and int((drawn[4] > 0).sum()) == 200
+    uniform = filter_candidates(logits, 0.8, 30, 0.9, 0.05, 30)  # one number per parameter: the same filter
+    reference = min_p_weights(apply_top_k_top_p(logits / 0.8, 30, 0.9).softmax(-1), 0.05)
+    reference = reference / reference.sum(-1, keepdim=True)
+    drawn = torch.zeros(7, V).scatter_(1, uniform.token_ids, uniform.weights / uniform.weights.sum(-1, keepdim=True))
+    assert uniform.covered is None and torch.allclose(drawn, reference, rtol=1e-5, atol=1e-7)
+    flat = torch.zeros(2, V)  # uniform: top-p 0.9 needs 3687 tokens, more than 256 candidates
+    flat[1, :10] = 10.0  # ... unless the mass sits on a few tokens
+    assert filter_candidates(flat, 1.0, None, 0.9, None, 256).covered.tolist() == [False, True]
+
+
+def test_top_p_rows_beyond_the_candidates_fall_back_exactly():
+    """A flat row needs more than CANDIDATES tokens for top-p: the sampler widens the candidates or sorts, and
+    still draws only from the nucleus, matching the full-sort distribution."""
+    V, n = 1024, 3000
+    logits = torch.linspace(0.0, 1.0, V).expand(n, V).contiguous()
+    params = SamplingParams(temperature=1.0, top_p=0.5)
+    probs = transform_probs(logits[0], 1.0, top_p=0.5)  # a nucleus of ~440 tokens
+    for max_candidates in (4096, 128):  # widen to max_candidates; or (too few) the full sort
+        sampler = Sampler(V, "cpu", seed=0)
+        sampler.max_candidates = max_candidates
+        if max_candidates > V:  # the wider candidate set suffices: no full sort
+            sampler._draw_sorted = None
+        tokens = torch.tensor(sampler.sample(logits, [row(params)] * n).token_ids)
+        assert bool((probs[tokens] > 0).all()), "a token outside the nucleus was drawn"
+        assert len(set(tokens.tolist())) > 300  # more than the 256 first candidates: the tail was reached
