@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-batch", type=int, default=8)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default="auto", choices=["auto", "fp32", "int8", "int4"])
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                   help="KV cache dtype of Freehold's rows (batched and one-at-a-time alike)")
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -63,19 +66,24 @@ def run_transformers(model, work, batch: int) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    from freehold.config import KVDtype
     from freehold.llm import LLM
+    from freehold.quant.modes import WeightMode
     llm = LLM(args.model, progress=False, kv_cache_memory=3 << 30, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens, weights=WeightMode(args.weights),
+              kv_dtype=KVDtype(args.kv_dtype))
+    print(llm.describe())
     work = random_workload(pydoc_token_ids(llm.tokenizer), args.num_requests, _range(args.prompt_range),
                            _range(args.output_range), args.seed)
     sub = work[:args.sequential_requests]
     rows = []
     seconds = run_batched(llm, work)
     tokens = sum(n for _, n in work)
-    rows.append(["freehold batched", len(work), tokens, seconds, tokens / seconds])
+    setup = f"weights {args.weights}, KV {args.kv_dtype}"
+    rows.append([f"freehold batched ({setup})", len(work), tokens, seconds, tokens / seconds])
     seconds = run_sequential(llm, sub)
     sub_tokens = sum(n for _, n in sub)
-    rows.append(["freehold one-at-a-time", len(sub), sub_tokens, seconds, sub_tokens / seconds])
+    rows.append([f"freehold one-at-a-time ({setup})", len(sub), sub_tokens, seconds, sub_tokens / seconds])
     if not args.no_transformers:
         from transformers import AutoModelForCausalLM
         path = llm.loaded.path

@@ -16,12 +16,21 @@
 
 #define MAX_D 256
 #define MAX_G 16
+#define AHEAD 16  /* tokens of software prefetch distance */
 
 static inline float bf16_to_float(uint16_t x) {
     uint32_t bits = (uint32_t)x << 16;
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
+}
+
+/* Ask for the (slot, g) row `ahead` tokens early: rows of one head are 1/KVH of each cache line run and blocks
+   are scattered, so the hardware prefetcher alone leaves every row a DRAM round trip. */
+static inline void prefetch_row(const void *cache, int dtype, int64_t slot, int g, int kvh, int d) {
+    int elem = dtype == 0 ? 4 : dtype == 1 ? 2 : 1;
+    const char *row = (const char *)cache + (slot * kvh + g) * (int64_t)d * elem;
+    for (int off = 0; off < d * elem; off += 64) __builtin_prefetch(row + off, 0, 0);
 }
 
 /* row[0:D] <- the (slot, g) vector of a cache as fp32 */
@@ -40,6 +49,59 @@ static inline const float *load_row(const void *cache, const _Float16 *scales, i
     return buf;
 }
 
+/* One task: the `group` query heads of KV head g over one sequence's n tokens. Inlined with a constant head_dim
+   for the common sizes so the row loops unroll into registers. */
+static inline __attribute__((always_inline)) int attend(
+        const float *qg, float *og, const void *k_cache, const void *v_cache, const _Float16 *k_scales,
+        const _Float16 *v_scales, int dtype, const int64_t *table, int64_t n, int g, int group, int kv_heads,
+        int block_size, int log2_bs, float scale, const int head_dim) {
+    float *scores = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * group);
+    if (scores == NULL) return 1;
+    float buf[MAX_D], acc[MAX_G][MAX_D], mx[MAX_G], sum[MAX_G];
+    for (int j = 0; j < group; j++) { mx[j] = -INFINITY; sum[j] = 0.0f; }
+    for (int64_t t = 0; t < n; t++) {
+        int64_t slot = table[t >> log2_bs] * block_size + (t & (block_size - 1));
+        if (t + AHEAD < n) {
+            int64_t next = t + AHEAD;
+            prefetch_row(k_cache, dtype, table[next >> log2_bs] * block_size + (next & (block_size - 1)),
+                         g, kv_heads, head_dim);
+        }
+        const float *k = load_row(k_cache, k_scales, dtype, slot, g, kv_heads, head_dim, buf);
+        for (int j = 0; j < group; j++) {
+            const float *qj = qg + (int64_t)j * head_dim;
+            float dot = 0.0f;
+            for (int i = 0; i < head_dim; i++) dot += qj[i] * k[i];
+            dot *= scale;
+            scores[j * n + t] = dot;
+            if (dot > mx[j]) mx[j] = dot;
+        }
+    }
+    for (int j = 0; j < group; j++) {
+        float *sj = scores + j * n;
+        for (int64_t t = 0; t < n; t++) { sj[t] = expf(sj[t] - mx[j]); sum[j] += sj[t]; }
+        memset(acc[j], 0, sizeof(float) * head_dim);
+    }
+    for (int64_t t = 0; t < n; t++) {
+        int64_t slot = table[t >> log2_bs] * block_size + (t & (block_size - 1));
+        if (t + AHEAD < n) {
+            int64_t next = t + AHEAD;
+            prefetch_row(v_cache, dtype, table[next >> log2_bs] * block_size + (next & (block_size - 1)),
+                         g, kv_heads, head_dim);
+        }
+        const float *v = load_row(v_cache, v_scales, dtype, slot, g, kv_heads, head_dim, buf);
+        for (int j = 0; j < group; j++) {
+            float p = scores[j * n + t];
+            for (int i = 0; i < head_dim; i++) acc[j][i] += p * v[i];
+        }
+    }
+    for (int j = 0; j < group; j++) {
+        float inv = sum[j] > 0.0f ? 1.0f / sum[j] : 0.0f;
+        for (int i = 0; i < head_dim; i++) og[(int64_t)j * head_dim + i] = acc[j][i] * inv;
+    }
+    free(scores);
+    return 0;
+}
+
 int paged_decode_attention(const float *q, float *out, const void *k_cache, const void *v_cache,
                            const _Float16 *k_scales, const _Float16 *v_scales, int dtype,
                            const int64_t *block_tables, const int64_t *context_lens,
@@ -52,44 +114,20 @@ int paged_decode_attention(const float *q, float *out, const void *k_cache, cons
     #pragma omp parallel for collapse(2) schedule(dynamic)
     for (int b = 0; b < batch; b++) {
         for (int g = 0; g < kv_heads; g++) {
-            int64_t n = context_lens[b];
+            int64_t first = ((int64_t)b * heads + (int64_t)g * group) * head_dim;
             const int64_t *table = block_tables + (int64_t)b * max_blocks;
-            float *scores = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * group);
-            if (scores == NULL) { failed = 1; continue; }
-            float buf[MAX_D], acc[MAX_G][MAX_D], mx[MAX_G], sum[MAX_G];
-            const float *qg = q + ((int64_t)b * heads + (int64_t)g * group) * head_dim;
-            for (int j = 0; j < group; j++) { mx[j] = -INFINITY; sum[j] = 0.0f; }
-            for (int64_t t = 0; t < n; t++) {
-                int64_t slot = table[t >> log2_bs] * block_size + (t & (block_size - 1));
-                const float *k = load_row(k_cache, k_scales, dtype, slot, g, kv_heads, head_dim, buf);
-                for (int j = 0; j < group; j++) {
-                    const float *qj = qg + (int64_t)j * head_dim;
-                    float dot = 0.0f;
-                    for (int i = 0; i < head_dim; i++) dot += qj[i] * k[i];
-                    dot *= scale;
-                    scores[j * n + t] = dot;
-                    if (dot > mx[j]) mx[j] = dot;
-                }
-            }
-            for (int j = 0; j < group; j++) {
-                float *s = scores + j * n;
-                for (int64_t t = 0; t < n; t++) { s[t] = expf(s[t] - mx[j]); sum[j] += s[t]; }
-                memset(acc[j], 0, sizeof(float) * head_dim);
-            }
-            for (int64_t t = 0; t < n; t++) {
-                int64_t slot = table[t >> log2_bs] * block_size + (t & (block_size - 1));
-                const float *v = load_row(v_cache, v_scales, dtype, slot, g, kv_heads, head_dim, buf);
-                for (int j = 0; j < group; j++) {
-                    float p = scores[j * n + t];
-                    for (int i = 0; i < head_dim; i++) acc[j][i] += p * v[i];
-                }
-            }
-            for (int j = 0; j < group; j++) {
-                float *o = out + ((int64_t)b * heads + (int64_t)g * group + j) * head_dim;
-                float inv = sum[j] > 0.0f ? 1.0f / sum[j] : 0.0f;
-                for (int i = 0; i < head_dim; i++) o[i] = acc[j][i] * inv;
-            }
-            free(scores);
+            int64_t n = context_lens[b];
+            int rc;
+            if (head_dim == 64)
+                rc = attend(q + first, out + first, k_cache, v_cache, k_scales, v_scales, dtype, table, n, g, group,
+                            kv_heads, block_size, log2_bs, scale, 64);
+            else if (head_dim == 128)
+                rc = attend(q + first, out + first, k_cache, v_cache, k_scales, v_scales, dtype, table, n, g, group,
+                            kv_heads, block_size, log2_bs, scale, 128);
+            else
+                rc = attend(q + first, out + first, k_cache, v_cache, k_scales, v_scales, dtype, table, n, g, group,
+                            kv_heads, block_size, log2_bs, scale, head_dim);
+            if (rc) failed = 1;
         }
     }
     return failed ? 2 : 0;

@@ -61,6 +61,12 @@ def load_model(model: str | Path | None = None, dtype: torch.dtype = torch.float
     files float; INT8 / INT4 quantize on load; FP32 / BF16 dequantize every weight (and must match `dtype`)."""
     check_float_mode(weights, dtype)
     path = resolve_model_path(model)
+    loaded = _load(path, dtype, torch.device(device), progress, weights)
+    _return_freed_memory()  # after `_load` returns, the file's mapped pages and the temporaries are garbage
+    return loaded
+
+
+def _load(path: Path, dtype: torch.dtype, device: torch.device, progress: bool, weights: WeightMode) -> LoadedModel:
     cfg, freq_factors, sources = _read(path)
     state, packed = {}, {}
     for name, t in tqdm(sources.items(), desc=f"loading {path.name}", unit="tensor", disable=not progress,
@@ -70,10 +76,7 @@ def load_model(model: str | Path | None = None, dtype: torch.dtype = torch.float
             state[name] = as_float(t, dtype)
         else:
             packed[name] = pack_weight(t, fmt, device)
-    loaded = LoadedModel(_build(cfg, state, packed, torch.device(device), freq_factors), cfg, path)
-    del sources, state, packed, t  # the file's mapped pages and the conversion temporaries go with them
-    _return_freed_memory()
-    return loaded
+    return LoadedModel(_build(cfg, state, packed, device, freq_factors), cfg, path)
 
 
 def _read(path: Path) -> tuple[ModelConfig, torch.Tensor | None, dict]:
