@@ -84,9 +84,9 @@ def decode_step_times(engine, prompts: list[list[int]], params: SamplingParams, 
                         time.perf_counter() - start])
         return out
 
-    def timed_sample(logits, rows):
+    def timed_sample(logits, rows, **options):
         start = time.perf_counter()
-        out = sample(logits, rows)
+        out = sample(logits, rows, **options)
         records[-1].append(time.perf_counter() - start)
         return out
 

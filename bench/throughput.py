@@ -12,8 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--prompt-range", default="64,512")
     p.add_argument("--output-range", default="64,256")
-    p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--sequential-requests", type=int, default=8,
                    help="one-at-a-time and transformers run this many of the requests (their rate is per token)")
     p.add_argument("--hf-batch", type=int, default=8)

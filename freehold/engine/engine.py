@@ -118,7 +118,7 @@ class Engine:
         if batch.empty:
             return []
         logits, sampling_chunks = self.runner.forward(batch.chunks)
-        sampled = self.sampler.sample(logits, self._sampling_rows(sampling_chunks))
+        sampled = self.sampler.sample(logits, self._sampling_rows(sampling_chunks), overwrite=True)
         return self._update(batch, sampling_chunks, sampled)
 
     def stats(self) -> EngineStats:

@@ -48,14 +48,16 @@ def per_key(values: Sequence[float], active: Sequence[bool], keys: torch.Tensor,
     return torch.tensor(values, dtype=torch.float32, device=keys.device)[keys // vocab_size]
 
 
-def apply_penalties(logits: torch.Tensor, seen: Penalized | None, counted: Penalized | None) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, seen: Penalized | None, counted: Penalized | None,
+                    in_place: bool = False) -> torch.Tensor:
     """Repetition penalty (HF / vLLM / CTRL rule) on tokens seen in prompt or output, then presence and
     frequency penalties (OpenAI rule) on generated tokens:
         seen (values = (r,)):                     l' = l / r  if l > 0,  l * r  otherwise
         counted c > 0 (values = (presence, frequency)):  l' = l - frequency * c - presence
     r > 1 makes a seen token less likely whatever the sign of its logit. Other tokens keep their logit, as
-    under the dense rule with c = 0; a key seen twice is written twice with the same value."""
-    out = logits.clone()
+    under the dense rule with c = 0; a key seen twice is written twice with the same value. `in_place` writes
+    into `logits` itself (the caller's copy is not needed again); otherwise a copy is returned."""
+    out = logits if in_place else logits.clone()
     flat = out.view(-1)
     if seen is not None and seen.keys.numel():
         value, (r,) = flat[seen.keys], seen.values

@@ -102,22 +102,27 @@ class Sampler:
                 raise InvalidRequestError(f"{name} has token ids outside [0, {self.vocab_size}): {bad[:5]}",
                                           param=name)
 
-    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """logits: [B, V] next-token logits (any float dtype, on the sampler's device)."""
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow], overwrite: bool = False) -> SamplerOutput:
+        """logits: [B, V] next-token logits (any float dtype, on the sampler's device). `overwrite`: the caller
+        will not read `logits` again (the engine's per-step tensor), so the penalties may work in place when no
+        row asks for logprobs (which read the raw values) — one [B, V] copy less per step."""
         assert logits.shape == (len(rows), self.vocab_size), f"logits {tuple(logits.shape)} vs {len(rows)} rows"
         assert logits.device == self.device, f"logits on {logits.device}, sampler on {self.device}"
         raw = logits.float()
-        processed = self.process_logits(raw, rows)
+        in_place = overwrite and all(r.params.logprobs is None for r in rows)
+        processed = self.process_logits(raw, rows, in_place)
         tokens = self._draw(processed, rows)
         token_ids = tokens.tolist()
         return SamplerOutput(token_ids, self._logprobs(raw, tokens, rows))
 
-    def process_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    def process_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                       in_place: bool = False) -> torch.Tensor:
         """Stages 1-5 (bias, min_tokens, penalties, allowed mask, grammar bitmask) on fp32 logits [B, V];
-        returns new logits."""
+        returns new logits (`in_place`: the penalties may write into `logits`)."""
         logits = self._apply_logit_bias(logits, rows)
         logits, min_tokens_masked = self._apply_min_tokens(logits, rows)
-        logits = self._apply_penalties(logits, rows)
+        logits = self._apply_penalties(logits, rows, in_place)
         logits, allowed_masked = self._apply_allowed_masks(logits, rows)
         bitmasks = [r.token_bitmask for r in rows]
         logits = apply_token_bitmask(logits, bitmasks)
@@ -147,7 +152,7 @@ class Sampler:
         eos = () if params.ignore_eos else self.eos_token_ids
         return tuple(params.stop_token_ids) + eos
 
-    def _apply_penalties(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    def _apply_penalties(self, logits: torch.Tensor, rows: Sequence[SamplingRow], in_place: bool) -> torch.Tensor:
         params = [r.params for r in rows]
         needs_rep = [p.repetition_penalty != 1.0 for p in params]
         needs_pf = [p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params]
@@ -155,7 +160,7 @@ class Sampler:
             return logits
         seen = self._seen_tokens(rows, needs_rep) if any(needs_rep) else None
         counted = self._output_counts(rows, needs_pf) if any(needs_pf) else None
-        return apply_penalties(logits, seen, counted)
+        return apply_penalties(logits, seen, counted, in_place)
 
     def _seen_tokens(self, rows: Sequence[SamplingRow], needs: list[bool]) -> Penalized:
         """Every prompt and output token of the rows with a repetition penalty (a key may repeat)."""

@@ -157,3 +157,40 @@ def test_filtered_rows_match_the_reference_distribution_on_a_large_vocabulary(se
     exp = torch.cat([expected[big], expected[small].sum().reshape(1)]) if small.any() else expected[big]
     exp = exp * obs.sum() / exp.sum()
     assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
+
+
+def test_overwrite_gives_the_same_tokens_and_only_then_writes_into_the_logits():
+    """The engine lets the sampler overwrite its per-step logits: same tokens as with a copy."""
+    from freehold.sampling.sampler import Sampler, SamplingRow
+    from freehold.types import SamplingParams
+    torch.manual_seed(0)
+    logits = torch.randn(4, 300) * 3
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4)
+    rows = [SamplingRow(params, [1, 2, 3, 7 * i], [4, 4, 5, i]) for i in range(4)]
+    sampler = Sampler(300, "cpu", seed=0)
+    kept = logits.clone()
+    copied = sampler.sample(logits, rows)
+    assert torch.equal(logits, kept)  # by default the caller's logits are left alone
+    overwritten = sampler.sample(logits, rows, overwrite=True)
+    assert overwritten.token_ids == copied.token_ids
+    assert not torch.equal(logits, kept)  # the penalties were applied in place
+    with_logprobs = [SamplingRow(SamplingParams(temperature=0.0, repetition_penalty=1.3, logprobs=2), [1], [4])]
+    one = kept[:1].clone()
+    sampler.sample(one, with_logprobs, overwrite=True)
+    assert torch.equal(one, kept[:1])  # logprobs read the raw logits: no overwrite then
+
+
+def test_engine_overwrites_its_inference_logits_with_penalties():
+    """The engine's logits are inference tensors: the in-place penalties must run (and match the copying path)."""
+    from tests.conftest import tiny_engine
+    params = SamplingParams(max_tokens=6, temperature=0.0, repetition_penalty=1.5, frequency_penalty=0.5,
+                            ignore_eos=True)
+    outs = []
+    for logprobs in (None, 1):  # with logprobs the sampler copies; without, it writes in place
+        engine = tiny_engine()
+        engine.add_request("a", [3, 3, 4, 5], SamplingParams(**{**vars(params), "logprobs": logprobs}))
+        tokens = []
+        while engine.has_unfinished():
+            tokens += [t for o in engine.step() for t in o.outputs[0].token_ids]
+        outs.append(tokens)
+    assert len(outs[0]) == 6 and outs[0] == outs[1]
