@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 from freehold.models.gguf_loader import GGUFTensor
+from freehold.quant.bf16 import Bf16Embedding, Bf16Linear
 from freehold.quant.int4 import (GGUF_INT4_TYPES, Int4Linear, Int4Packed, int4_groups_from_gguf, pack_int4,
                                  quantize_int4)
 from freehold.quant.int8 import Int8Embedding, Int8Linear, Int8Rows, quantize_int8
 from freehold.quant.modes import EMBEDDING, WeightFormat, WeightMode, WeightSource, weight_format
 
-PackedWeight = Int4Packed | Int8Rows
+PackedWeight = Int4Packed | Int8Rows | torch.Tensor  # a torch.Tensor: a bf16 table (WeightFormat.BF16)
 
 
 def as_float(source: WeightSource, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -33,11 +34,15 @@ def pack_weight(source: WeightSource, fmt: WeightFormat, device: torch.device | 
         return pack_int4(quantize_int4(as_float(source)), device)
     if fmt is WeightFormat.INT8:
         return quantize_int8(as_float(source)).to(device)
+    if fmt is WeightFormat.BF16:
+        return as_float(source, torch.bfloat16).to(device)
     raise ValueError(f"{fmt} is not a packed format")
 
 
 def _packed_module(old: nn.Module, weight: PackedWeight) -> nn.Module:
     bias = old.bias.detach() if getattr(old, "bias", None) is not None else None  # on meta while loading
+    if isinstance(weight, torch.Tensor):
+        return Bf16Embedding(weight) if isinstance(old, nn.Embedding) else Bf16Linear(weight, bias)
     if isinstance(weight, Int4Packed):
         return Int4Linear(weight, bias)
     if isinstance(old, nn.Embedding):
@@ -54,6 +59,8 @@ def swap_modules(model: nn.Module, packed: Mapping[str, PackedWeight]) -> None:
     embedding = model.get_submodule(EMBEDDING.removesuffix(".weight"))
     if model.config.tie_word_embeddings and isinstance(embedding, Int8Embedding):
         model.lm_head = Int8Linear(Int8Rows(embedding.data, embedding.scales))
+    if model.config.tie_word_embeddings and isinstance(embedding, Bf16Embedding):
+        model.lm_head = Bf16Linear(embedding.table)
 
 
 def quantize_model(model: nn.Module, mode: WeightMode) -> nn.Module:

@@ -1,8 +1,9 @@
 """Which weights stay packed: the user's `WeightMode`, and the per-tensor `WeightFormat` it implies.
 
 Only the matrices of linear layers and the token embedding are ever packed; norms, biases and rope tables stay
-float in the activation dtype. The embedding is int8 whenever it is packed, since a lookup must dequantize
-single rows (the int4 kernels' layout is opaque); a tied LM head follows the embedding.
+float in the activation dtype. A packed embedding is int8 (a lookup must dequantize single rows; the int4
+kernels' layout is opaque), except that AUTO keeps a GGUF's quantized embedding or LM head (Q8_0 ...) as a bf16
+table: re-quantizing it per row would cost accuracy (quant/bf16.py). A tied LM head follows the embedding.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class WeightFormat(enum.Enum):
     FLOAT = "float"
     INT8 = "int8"
     INT4 = "int4"
+    BF16 = "bf16"  # a bf16 table beside fp32 activations (AUTO's form of a GGUF's quantized embedding / head)
 
 
 def check_float_mode(mode: WeightMode, dtype: torch.dtype) -> None:
@@ -70,8 +72,9 @@ def weight_format(name: str, source: WeightSource, mode: WeightMode, tied: bool)
     if mode.float_dtype is not None or (tied and name == LM_HEAD):
         return WeightFormat.FLOAT
     if name == EMBEDDING:
-        packed = mode is not WeightMode.AUTO or is_quantized(source)
-        return WeightFormat.INT8 if packed else WeightFormat.FLOAT
+        if mode is WeightMode.AUTO:
+            return WeightFormat.BF16 if is_quantized(source) else WeightFormat.FLOAT
+        return WeightFormat.INT8
     if not is_linear_weight(name):
         return WeightFormat.FLOAT
     if mode is WeightMode.INT8:
@@ -81,4 +84,6 @@ def weight_format(name: str, source: WeightSource, mode: WeightMode, tied: bool)
         return int4  # lossless, in AUTO and INT4 alike
     if mode is WeightMode.INT4:
         return WeightFormat.INT8 if name == LM_HEAD else int4  # quantizing the logits' matrix to 4 bits: no
-    return WeightFormat.INT8 if is_quantized(source) else WeightFormat.FLOAT  # AUTO
+    if not is_quantized(source):
+        return WeightFormat.FLOAT  # AUTO keeps float files float
+    return WeightFormat.BF16 if name == LM_HEAD else WeightFormat.INT8  # AUTO: no per-row re-rounding of logits
