@@ -113,6 +113,9 @@ class EngineConfig:
             raise InvalidRequestError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise InvalidRequestError(f"kv_cache_memory must be positive bytes, got {self.kv_cache_memory}")
+        if not isinstance(self.kv_dtype, KVDtype):
+            raise InvalidRequestError(f"kv_dtype must be a KVDtype ({', '.join(d.value for d in KVDtype)}), "
+                                      f"got {self.kv_dtype!r}", param="kv_dtype")
         if not 0.0 < self.kv_cache_fraction <= 1.0:
             raise InvalidRequestError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
 

@@ -66,7 +66,11 @@ def paged_attention():
     """The `paged_decode_attention` C function (see paged_attention.c), or None."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
-    path = build("paged_attention")
+    try:
+        path = build("paged_attention")
+    except OSError as exc:  # an unwritable cache directory, a compiler that cannot run ...
+        print(f"freehold: native kernel unavailable ({exc}), using the torch path", file=sys.stderr)
+        return None
     if path is None:
         return None
     fn = ctypes.CDLL(str(path)).paged_decode_attention

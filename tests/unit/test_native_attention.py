@@ -59,3 +59,14 @@ def test_switch_turns_the_kernel_off(monkeypatch):
         assert native.paged_attention() is None
     finally:
         native.paged_attention.cache_clear()
+
+
+def test_an_unusable_cache_directory_falls_back_to_torch(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("FREEHOLD_CACHE_DIR", str(blocker / "cache"))  # mkdir under a file fails
+    native.paged_attention.cache_clear()
+    try:
+        assert native.paged_attention() is None
+    finally:
+        native.paged_attention.cache_clear()

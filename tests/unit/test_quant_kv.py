@@ -132,3 +132,10 @@ def test_kv_dtype_sets_the_cache_and_the_budget(kv_dtype, storage):
         e.check_integrity()
         outs.append(tokens)
     assert len(outs[1]) == 8 and outs[1][0] == outs[0][0]  # peaked logits: the rounded cache agrees at first
+
+
+def test_kv_dtype_must_be_a_kv_dtype():
+    from freehold.config import EngineConfig
+    from freehold.errors import InvalidRequestError
+    with pytest.raises(InvalidRequestError, match="kv_dtype must be a KVDtype"):
+        EngineConfig(kv_dtype=torch.bfloat16)
