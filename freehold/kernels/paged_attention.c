@@ -33,6 +33,11 @@ static inline void prefetch_row(const void *cache, int dtype, int64_t slot, int 
     for (int off = 0; off < d * elem; off += 64) __builtin_prefetch(row + off, 0, 0);
 }
 
+/* Cache slot of a sequence's token t: its block from the table, then the offset inside the block. */
+static inline int64_t slot_of(const int64_t *table, int64_t t, int block_size, int log2_bs) {
+    return table[t >> log2_bs] * block_size + (t & (block_size - 1));
+}
+
 /* row[0:D] <- the (slot, g) vector of a cache as fp32 */
 static inline const float *load_row(const void *cache, const _Float16 *scales, int dtype, int64_t slot, int g,
                                     int kvh, int d, float *buf) {
@@ -60,12 +65,9 @@ static inline __attribute__((always_inline)) int attend(
     float buf[MAX_D], acc[MAX_G][MAX_D], mx[MAX_G], sum[MAX_G];
     for (int j = 0; j < group; j++) { mx[j] = -INFINITY; sum[j] = 0.0f; }
     for (int64_t t = 0; t < n; t++) {
-        int64_t slot = table[t >> log2_bs] * block_size + (t & (block_size - 1));
-        if (t + AHEAD < n) {
-            int64_t next = t + AHEAD;
-            prefetch_row(k_cache, dtype, table[next >> log2_bs] * block_size + (next & (block_size - 1)),
-                         g, kv_heads, head_dim);
-        }
+        int64_t slot = slot_of(table, t, block_size, log2_bs);
+        if (t + AHEAD < n)
+            prefetch_row(k_cache, dtype, slot_of(table, t + AHEAD, block_size, log2_bs), g, kv_heads, head_dim);
         const float *k = load_row(k_cache, k_scales, dtype, slot, g, kv_heads, head_dim, buf);
         for (int j = 0; j < group; j++) {
             const float *qj = qg + (int64_t)j * head_dim;
@@ -82,12 +84,9 @@ static inline __attribute__((always_inline)) int attend(
         memset(acc[j], 0, sizeof(float) * head_dim);
     }
     for (int64_t t = 0; t < n; t++) {
-        int64_t slot = table[t >> log2_bs] * block_size + (t & (block_size - 1));
-        if (t + AHEAD < n) {
-            int64_t next = t + AHEAD;
-            prefetch_row(v_cache, dtype, table[next >> log2_bs] * block_size + (next & (block_size - 1)),
-                         g, kv_heads, head_dim);
-        }
+        int64_t slot = slot_of(table, t, block_size, log2_bs);
+        if (t + AHEAD < n)
+            prefetch_row(v_cache, dtype, slot_of(table, t + AHEAD, block_size, log2_bs), g, kv_heads, head_dim);
         const float *v = load_row(v_cache, v_scales, dtype, slot, g, kv_heads, head_dim, buf);
         for (int j = 0; j < group; j++) {
             float p = scores[j * n + t];
