@@ -54,6 +54,14 @@ static inline const float *load_row(const void *cache, const _Float16 *scales, i
     return buf;
 }
 
+/* Token t's (slot, g) row of one cache as fp32, after asking for token t + AHEAD's row. */
+static inline const float *token_row(const void *cache, const _Float16 *scales, int dtype, const int64_t *table,
+                                     int64_t t, int64_t n, int block_size, int log2_bs, int g, int kvh, int d,
+                                     float *buf) {
+    if (t + AHEAD < n) prefetch_row(cache, dtype, slot_of(table, t + AHEAD, block_size, log2_bs), g, kvh, d);
+    return load_row(cache, scales, dtype, slot_of(table, t, block_size, log2_bs), g, kvh, d, buf);
+}
+
 /* One task: the `group` query heads of KV head g over one sequence's n tokens. Inlined with a constant head_dim
    for the common sizes so the row loops unroll into registers. */
 static inline __attribute__((always_inline)) int attend(
@@ -65,10 +73,8 @@ static inline __attribute__((always_inline)) int attend(
     float buf[MAX_D], acc[MAX_G][MAX_D], mx[MAX_G], sum[MAX_G];
     for (int j = 0; j < group; j++) { mx[j] = -INFINITY; sum[j] = 0.0f; }
     for (int64_t t = 0; t < n; t++) {
-        int64_t slot = slot_of(table, t, block_size, log2_bs);
-        if (t + AHEAD < n)
-            prefetch_row(k_cache, dtype, slot_of(table, t + AHEAD, block_size, log2_bs), g, kv_heads, head_dim);
-        const float *k = load_row(k_cache, k_scales, dtype, slot, g, kv_heads, head_dim, buf);
+        const float *k = token_row(k_cache, k_scales, dtype, table, t, n, block_size, log2_bs, g, kv_heads, head_dim,
+                                    buf);
         for (int j = 0; j < group; j++) {
             const float *qj = qg + (int64_t)j * head_dim;
             float dot = 0.0f;
@@ -84,10 +90,8 @@ static inline __attribute__((always_inline)) int attend(
         memset(acc[j], 0, sizeof(float) * head_dim);
     }
     for (int64_t t = 0; t < n; t++) {
-        int64_t slot = slot_of(table, t, block_size, log2_bs);
-        if (t + AHEAD < n)
-            prefetch_row(v_cache, dtype, slot_of(table, t + AHEAD, block_size, log2_bs), g, kv_heads, head_dim);
-        const float *v = load_row(v_cache, v_scales, dtype, slot, g, kv_heads, head_dim, buf);
+        const float *v = token_row(v_cache, v_scales, dtype, table, t, n, block_size, log2_bs, g, kv_heads, head_dim,
+                                    buf);
         for (int j = 0; j < group; j++) {
             float p = scores[j * n + t];
             for (int i = 0; i < head_dim; i++) acc[j][i] += p * v[i];
