@@ -19,8 +19,10 @@ import tempfile
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).parent
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-funsafe-math-optimizations", "-fno-finite-math-only",
-         "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+# Attention's exp/max loops vectorize only with reassociation; the matmuls keep IEEE order (their fixed summation
+# order is what makes a row's result independent of the batch).
+EXTRA_FLAGS = {"paged_attention": ["-funsafe-math-optimizations", "-fno-finite-math-only"]}
 ENV_SWITCH = "FREEHOLD_NATIVE_KERNELS"
 
 
@@ -44,14 +46,15 @@ def build(name: str) -> Path | None:
     if compiler is None or sys.platform != "linux":
         return None
     source = SOURCE_DIR / f"{name}.c"
-    key = hashlib.sha256("\0".join([source.read_text(), *FLAGS, compiler, _cpu_model()]).encode()).hexdigest()[:16]
+    flags = FLAGS + EXTRA_FLAGS.get(name, [])
+    key = hashlib.sha256("\0".join([source.read_text(), *flags, compiler, _cpu_model()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
-    run = subprocess.run([compiler, *FLAGS, str(source), "-o", str(partial), "-lm"], capture_output=True, text=True)
+    run = subprocess.run([compiler, *flags, str(source), "-o", str(partial), "-lm"], capture_output=True, text=True)
     if run.returncode != 0:
         partial.unlink(missing_ok=True)
         print(f"freehold: native kernel {name} did not compile, using the torch path:\n{run.stderr[-2000:]}",
@@ -61,20 +64,52 @@ def build(name: str) -> Path | None:
     return target
 
 
-@functools.cache
-def paged_attention():
-    """The `paged_decode_attention` C function (see paged_attention.c), or None."""
+def _library(name: str) -> ctypes.CDLL | None:
+    """The compiled `name`.c, or None (switched off, no compiler, an unusable cache directory ...)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     try:
-        path = build("paged_attention")
+        path = build(name)
+        return ctypes.CDLL(str(path)) if path is not None else None
     except OSError as exc:  # an unwritable cache directory, a compiler that cannot run ...
-        print(f"freehold: native kernel unavailable ({exc}), using the torch path", file=sys.stderr)
+        print(f"freehold: native kernel {name} unavailable ({exc}), using the torch path", file=sys.stderr)
         return None
-    if path is None:
+
+
+def _function(library: ctypes.CDLL | None, symbol: str, argtypes: list):
+    if library is None:
         return None
-    fn = ctypes.CDLL(str(path)).paged_decode_attention
-    p, i = ctypes.c_void_p, ctypes.c_int
-    fn.argtypes = [p, p, p, p, p, p, i, p, p, i, i, i, i, i, i, ctypes.c_float]
-    fn.restype = i
+    fn = getattr(library, symbol)
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
     return fn
+
+
+_P, _I, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+
+
+@functools.cache
+def paged_attention():
+    """The `paged_decode_attention` C function (see paged_attention.c), or None."""
+    return _function(_library("paged_attention"), "paged_decode_attention",
+                     [_P, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float])
+
+
+@functools.cache
+def int4_matmul():
+    """`int4_matmul(x, y, packed, sz, M, N, K)` (see quant_matmul.c), or None (also on CPUs without AVX512-VNNI)."""
+    library = _library("quant_matmul")
+    if library is None or not _function(library, "int4_supported", [])():
+        return None
+    return _function(library, "int4_matmul", [_P, _P, _P, _P, _I64, _I64, _I64])
+
+
+@functools.cache
+def bf16_matmul():
+    """`bf16_matmul(x, y, w, M, N, K)` (see quant_matmul.c), or None."""
+    return _function(_library("quant_matmul"), "bf16_matmul", [_P, _P, _P, _I64, _I64, _I64])
+
+
+@functools.cache
+def add_rms_norm():
+    """`add_rms_norm(x, residual, w, r, y, rows, dim, eps)` (see rms_norm.c), or None."""
+    return _function(_library("rms_norm"), "add_rms_norm", [_P, _P, _P, _P, _P, _I64, _I64, ctypes.c_float])

@@ -4,9 +4,10 @@
        s_t = scale * q[b,h] . K[slot(b,t), g]            slot(b,t) = table[b][t / bs] * bs + t % bs
        p_t = exp(s_t - max_u s_u) / sum_u exp(s_u - max_u s_u)
        out[b,h] = sum_t p_t V[slot(b,t), g]
-   Each (b, g) pair is one task: its G query heads share every K/V row they read, so the cache is read once per
-   step. Tasks run in parallel (OpenMP, the same libgomp torch uses); a task's arithmetic does not depend on the
-   other rows of the batch, so a sequence gets the same result in any batch.
+   A task is (b, g, a chunk of CHUNK tokens): its G query heads share every K/V row they read, so the cache is
+   read once per step; chunks of one sequence merge by their softmax statistics (flash-decoding), so one long
+   sequence still keeps every thread busy. Tasks run in parallel (OpenMP, the same libgomp torch uses); the
+   chunking is fixed by the context length alone, so a sequence gets the same result in any batch.
 
    Cache element types: 0 = fp32, 1 = bf16, 2 = int8 with one fp16 scale per (slot, KV head). */
 #include <math.h>
@@ -17,6 +18,7 @@
 #define MAX_D 256
 #define MAX_G 16
 #define AHEAD 16  /* tokens of software prefetch distance */
+#define CHUNK 128  /* tokens per task */
 
 static inline float bf16_to_float(uint16_t x) {
     uint32_t bits = (uint32_t)x << 16;
@@ -62,49 +64,84 @@ static inline const float *token_row(const void *cache, const _Float16 *scales, 
     return load_row(cache, scales, dtype, slot_of(table, t, block_size, log2_bs), g, kvh, d, buf);
 }
 
-/* One task: the `group` query heads of KV head g over one sequence's n tokens. Inlined with a constant head_dim
-   for the common sizes so the row loops unroll into registers. */
-static inline __attribute__((always_inline)) int attend(
-        const float *qg, float *og, const void *k_cache, const void *v_cache, const _Float16 *k_scales,
-        const _Float16 *v_scales, int dtype, const int64_t *table, int64_t n, int g, int group, int kv_heads,
-        int block_size, int log2_bs, float scale, const int head_dim) {
-    float *scores = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * group);
-    if (scores == NULL) return 1;
-    float buf[MAX_D], acc[MAX_G][MAX_D], mx[MAX_G], sum[MAX_G];
-    for (int j = 0; j < group; j++) { mx[j] = -INFINITY; sum[j] = 0.0f; }
+/* Softmax state of `group` query heads over a range of tokens: m = max score, l = sum_t exp(s_t - m),
+   acc = sum_t exp(s_t - m) V_t. Ranges merge exactly: with M = max(m_a, m_b),
+       l = e^(m_a - M) l_a + e^(m_b - M) l_b,    acc = e^(m_a - M) acc_a + e^(m_b - M) acc_b,    out = acc / l. */
+typedef struct {
+    float *m, *l;  /* [group] */
+    float *acc;    /* [group][head_dim] */
+} Partial;
+
+/* Task i's state inside flat buffers: m and l hold `group` floats per task, acc group * head_dim */
+static inline Partial partial_at(float *m, float *l, float *acc, int64_t i, int group, int head_dim) {
+    Partial p = {m + i * group, l + i * group, acc + i * group * head_dim};
+    return p;
+}
+
+/* One task: the `group` query heads of KV head g over tokens [t0, t1) of a sequence of n_ctx (t1 - t0 <= CHUNK).
+   Inlined with a constant head_dim for the common sizes so the row loops unroll into registers. */
+static inline __attribute__((always_inline)) void attend(
+        const float *qg, Partial *part, const void *k_cache, const void *v_cache, const _Float16 *k_scales,
+        const _Float16 *v_scales, int dtype, const int64_t *table, int64_t t0, int64_t t1, int64_t n_ctx, int g,
+        int group, int kv_heads, int block_size, int log2_bs, float scale, const int head_dim) {
+    Partial p = *part;
+    float scores[MAX_G][CHUNK], buf[MAX_D], acc[MAX_G][MAX_D], mx[MAX_G], sum[MAX_G];  /* locals: no aliasing with the cache rows */
+    int64_t n = t1 - t0;
+    for (int j = 0; j < group; j++) mx[j] = -INFINITY, sum[j] = 0.0f;
     for (int64_t t = 0; t < n; t++) {
-        const float *k = token_row(k_cache, k_scales, dtype, table, t, n, block_size, log2_bs, g, kv_heads, head_dim,
-                                    buf);
+        const float *k = token_row(k_cache, k_scales, dtype, table, t0 + t, n_ctx, block_size, log2_bs, g, kv_heads,
+                                   head_dim, buf);
         for (int j = 0; j < group; j++) {
             const float *qj = qg + (int64_t)j * head_dim;
             float dot = 0.0f;
             for (int i = 0; i < head_dim; i++) dot += qj[i] * k[i];
             dot *= scale;
-            scores[j * n + t] = dot;
+            scores[j][t] = dot;
             if (dot > mx[j]) mx[j] = dot;
         }
     }
     for (int j = 0; j < group; j++) {
-        float *sj = scores + j * n;
-        for (int64_t t = 0; t < n; t++) { sj[t] = expf(sj[t] - mx[j]); sum[j] += sj[t]; }
+        for (int64_t t = 0; t < n; t++) { scores[j][t] = expf(scores[j][t] - mx[j]); sum[j] += scores[j][t]; }
         memset(acc[j], 0, sizeof(float) * head_dim);
     }
     for (int64_t t = 0; t < n; t++) {
-        const float *v = token_row(v_cache, v_scales, dtype, table, t, n, block_size, log2_bs, g, kv_heads, head_dim,
-                                    buf);
+        const float *v = token_row(v_cache, v_scales, dtype, table, t0 + t, n_ctx, block_size, log2_bs, g, kv_heads,
+                                   head_dim, buf);
         for (int j = 0; j < group; j++) {
-            float p = scores[j * n + t];
-            for (int i = 0; i < head_dim; i++) acc[j][i] += p * v[i];
+            float w = scores[j][t];
+            for (int i = 0; i < head_dim; i++) acc[j][i] += w * v[i];
         }
     }
     for (int j = 0; j < group; j++) {
-        float inv = sum[j] > 0.0f ? 1.0f / sum[j] : 0.0f;
-        for (int i = 0; i < head_dim; i++) og[(int64_t)j * head_dim + i] = acc[j][i] * inv;
+        p.m[j] = mx[j];
+        p.l[j] = sum[j];
+        memcpy(p.acc + (int64_t)j * head_dim, acc[j], sizeof(float) * head_dim);
     }
-    free(scores);
-    return 0;
 }
 
+/* out[j] = the merged softmax average of a sequence's chunks (task i, i + stride, ...), chunk by chunk in order */
+static void merge(const float *pm, const float *pl, const float *pacc, int64_t first, int64_t count, int64_t stride,
+                  int group, int head_dim, float *og) {
+    for (int j = 0; j < group; j++) {
+        float m = -INFINITY, l = 0.0f;
+        for (int64_t c = 0; c < count; c++) m = fmaxf(m, pm[(first + c * stride) * group + j]);
+        float *o = og + (int64_t)j * head_dim;
+        memset(o, 0, sizeof(float) * head_dim);
+        for (int64_t c = 0; c < count; c++) {
+            int64_t i = (first + c * stride) * group + j;
+            if (pl[i] == 0.0f) continue;  /* an empty range */
+            float w = expf(pm[i] - m);
+            l += w * pl[i];
+            for (int d = 0; d < head_dim; d++) o[d] += w * pacc[i * head_dim + d];
+        }
+        float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        for (int d = 0; d < head_dim; d++) o[d] *= inv;
+    }
+}
+
+/* Tasks are (sequence b, KV head g, chunk c of CHUNK tokens): a fixed split of each context, never one that
+   depends on the batch, so that a sequence's result is the same in any batch; a single sequence still keeps
+   every thread busy. */
 int paged_decode_attention(const float *q, float *out, const void *k_cache, const void *v_cache,
                            const _Float16 *k_scales, const _Float16 *v_scales, int dtype,
                            const int64_t *block_tables, const int64_t *context_lens,
@@ -113,25 +150,45 @@ int paged_decode_attention(const float *q, float *out, const void *k_cache, cons
     int group = heads / kv_heads;
     int log2_bs = __builtin_ctz((unsigned)block_size);  /* block_size is a power of two (EngineConfig checks) */
     if (head_dim > MAX_D || group > MAX_G || heads % kv_heads || block_size != 1 << log2_bs) return 1;
-    int failed = 0;
-    #pragma omp parallel for collapse(2) schedule(dynamic)
-    for (int b = 0; b < batch; b++) {
-        for (int g = 0; g < kv_heads; g++) {
-            int64_t first = ((int64_t)b * heads + (int64_t)g * group) * head_dim;
+    int64_t *first_chunk = malloc(sizeof(int64_t) * ((size_t)batch + 1));  /* chunks of sequences before b */
+    if (first_chunk == NULL) return 2;
+    first_chunk[0] = 0;
+    for (int b = 0; b < batch; b++)
+        first_chunk[b + 1] = first_chunk[b] + (context_lens[b] > 0 ? (context_lens[b] + CHUNK - 1) / CHUNK : 1);
+    int64_t chunks = first_chunk[batch], tasks = chunks * kv_heads;
+    float *pm = malloc(sizeof(float) * (size_t)(tasks * group)), *pl = malloc(sizeof(float) * (size_t)(tasks * group));
+    float *pacc = malloc(sizeof(float) * (size_t)(tasks * group * head_dim));
+    int status = pm && pl && pacc ? 0 : 2;
+    if (status == 0) {
+        #pragma omp parallel for schedule(dynamic)
+        for (int64_t task = 0; task < tasks; task++) {  /* task = chunk * kv_heads + g */
+            int64_t chunk = task / kv_heads;
+            int g = (int)(task % kv_heads), b = 0;
+            while (first_chunk[b + 1] <= chunk) b++;
+            int64_t t0 = (chunk - first_chunk[b]) * CHUNK, n = context_lens[b];
+            int64_t t1 = t0 + CHUNK < n ? t0 + CHUNK : n;
+            const float *qg = q + ((int64_t)b * heads + (int64_t)g * group) * head_dim;
             const int64_t *table = block_tables + (int64_t)b * max_blocks;
-            int64_t n = context_lens[b];
-            int rc;
+            Partial part = partial_at(pm, pl, pacc, task, group, head_dim);
             if (head_dim == 64)
-                rc = attend(q + first, out + first, k_cache, v_cache, k_scales, v_scales, dtype, table, n, g, group,
-                            kv_heads, block_size, log2_bs, scale, 64);
+                attend(qg, &part, k_cache, v_cache, k_scales, v_scales, dtype, table, t0, t1, n, g, group, kv_heads,
+                       block_size, log2_bs, scale, 64);
             else if (head_dim == 128)
-                rc = attend(q + first, out + first, k_cache, v_cache, k_scales, v_scales, dtype, table, n, g, group,
-                            kv_heads, block_size, log2_bs, scale, 128);
+                attend(qg, &part, k_cache, v_cache, k_scales, v_scales, dtype, table, t0, t1, n, g, group, kv_heads,
+                       block_size, log2_bs, scale, 128);
             else
-                rc = attend(q + first, out + first, k_cache, v_cache, k_scales, v_scales, dtype, table, n, g, group,
-                            kv_heads, block_size, log2_bs, scale, head_dim);
-            if (rc) failed = 1;
+                attend(qg, &part, k_cache, v_cache, k_scales, v_scales, dtype, table, t0, t1, n, g, group, kv_heads,
+                       block_size, log2_bs, scale, head_dim);
         }
+        #pragma omp parallel for collapse(2) schedule(static)
+        for (int b = 0; b < batch; b++)
+            for (int g = 0; g < kv_heads; g++)
+                merge(pm, pl, pacc, first_chunk[b] * kv_heads + g, first_chunk[b + 1] - first_chunk[b], kv_heads,
+                      group, head_dim, out + ((int64_t)b * heads + (int64_t)g * group) * head_dim);
     }
-    return failed ? 2 : 0;
+    free(pm);
+    free(pl);
+    free(pacc);
+    free(first_chunk);
+    return status;
 }

@@ -7,6 +7,7 @@ factor_i is 1 unless llama3 scaling (or a GGUF `rope_freqs` tensor) stretches th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -43,10 +44,27 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
+    def tables(self, positions: torch.Tensor) -> RopeTables:
+        """The rotation at `positions` [T], laid out for `RopeTables.apply`."""
+        cos, sin = self.cos[positions], self.sin[positions]  # [T, D/2]
+        return RopeTables(torch.cat([cos, cos], -1).unsqueeze(1), torch.cat([-sin, sin], -1).unsqueeze(1))
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, D], positions: [T] -> [T, heads, D]"""
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return self.tables(positions).apply(x)
+
+
+@dataclass(frozen=True)
+class RopeTables:
+    """cos and signed sin of each token's angles, both [T, 1, D]: with x = (x1, x2) in halves,
+        rope(x) = x * (cos, cos) + (x2, x1) * (-sin, sin)
+    which is the pairwise rotation above. Built once per forward pass, applied in every layer."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, D] -> [T, heads, D] in x's dtype (computed in fp32)."""
+        xf = x.float()
+        out = torch.addcmul(xf * self.cos, xf.roll(x.shape[-1] // 2, dims=-1), self.sin)
         return out.to(x.dtype)

@@ -12,7 +12,7 @@ from torch import nn
 from freehold.config import ModelConfig
 from freehold.layers.attention import AttentionMetadata, KVCache, paged_attention
 from freehold.layers.norm import RMSNorm
-from freehold.layers.rotary import RotaryEmbedding
+from freehold.layers.rotary import RopeTables, RotaryEmbedding
 
 
 class Attention(nn.Module):
@@ -24,21 +24,29 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.register_module("qkv_proj", None)  # [W_q; W_k; W_v] once freehold.models.fuse joins them
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                cache: KVCache | None, meta: AttentionMetadata | None) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # [T, H, D]
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, E] -> q, k, v heads side by side: [T, H + 2 KVH, D]."""
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)
+        else:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        return qkv.view(x.shape[0], self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor, rope: RopeTables, cache: KVCache | None,
+                meta: AttentionMetadata | None) -> torch.Tensor:
+        h, kvh = self.num_heads, self.num_kv_heads
+        qkv = self.project(x)
+        qk, v = qkv[:, :h + kvh], qkv[:, h + kvh:]  # [T, H + KVH, D], [T, KVH, D]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(q, positions), rope(k, positions)
-        out = paged_attention(self.layer, q, k, v, cache, meta)  # [T, H, D]
-        return self.o_proj(out.reshape(t, -1))
+            qk = torch.cat([self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])], dim=1)
+        qk = rope.apply(qk)  # one rotation for the query and key heads together
+        out = paged_attention(self.layer, qk[:, :h], qk[:, h:], v, cache, meta)  # [T, H, D]
+        return self.o_proj(out.reshape(x.shape[0], -1))
 
 
 class MLP(nn.Module):
@@ -48,10 +56,15 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.register_module("gate_up_proj", None)  # [W_gate; W_up] once freehold.models.fuse joins them
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -62,9 +75,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, rope, cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeTables, cache: KVCache | None,
+                meta: AttentionMetadata | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output, not yet added to `residual`, the stream so far (None before layer 0).
+        -> (this layer's MLP output, the stream before it): each norm adds its input to the stream first."""
+        h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h = self.self_attn(h, rope, cache, meta)
+        h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaBody(nn.Module):
@@ -93,9 +111,11 @@ class LlamaForCausalLM(nn.Module):
                 cache: KVCache | None = None, meta: AttentionMetadata | None = None) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, E] (call `compute_logits` on the rows you need)."""
         x = self.model.embed_tokens(input_ids).to(self.model.norm.weight.dtype)  # activations in the engine dtype
+        rope = self.rope.tables(positions)  # cos / sin of these positions, shared by every layer
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, positions, self.rope, cache, meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rope, cache, meta)
+        return self.model.norm.add_and_norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, E] -> fp32 logits [N, V]."""

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from freehold.config import ModelConfig
 from freehold.errors import ModelLoadError
+from freehold.models.fuse import fuse_projections
 from freehold.models.gguf_loader import load_gguf
 from freehold.models.hf_loader import read_hf_config, read_safetensors
 from freehold.models.llama import LlamaForCausalLM
@@ -51,7 +52,7 @@ def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], packed: dict[str, P
         from freehold.layers.rotary import RotaryEmbedding
         model.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                      cfg.rope_scaling, freq_factors)
-    return model.to(device).eval()
+    return fuse_projections(model.to(device).eval())
 
 
 def load_model(model: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",

@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from freehold.errors import UnsupportedModelError
+from freehold.kernels import native
 from freehold.models.gguf_loader import GGUFTensor
 from freehold.quant.compute import COMPUTE_DTYPE, use_dequantized
 from freehold.quant.int4_unpack import layout_matches, unpack_codes_t
@@ -116,19 +117,37 @@ def pack_int4(groups: Int4Groups, device: torch.device | str) -> Int4Packed:
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """x: [T, K] in the scales' dtype -> [T, N]."""
+    """x: [T, K] in the scales' dtype -> [T, N] by PyTorch's kernel."""
     if x.device.type == "cpu":
         return torch._weight_int4pack_mm_for_cpu(x, packed, GROUP_SIZE, scales_and_zeros)
     return torch._weight_int4pack_mm(x, packed, GROUP_SIZE, scales_and_zeros)
 
 
+def native_int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+                       n: int) -> torch.Tensor | None:
+    """x: fp32 [T, K] -> fp32 [T, N] by Freehold's kernel (kernels/quant_matmul.c, fp32 arithmetic, reads the
+    packed CPU layout in place), or None where it is unavailable."""
+    kernel = native.int4_matmul()
+    if kernel is None:
+        return None
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    if kernel(x.data_ptr(), y.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), x.shape[0], n, x.shape[1]):
+        return None
+    return y
+
+
 class Int4Linear(nn.Module):
     """y = x W^T (+ b) with W held packed as int4 (0.5 byte + 4 / 32 byte of bf16 (s, z) per weight).
 
-    Below `DEQUANT_MIN_TOKENS` tokens the int4 kernel multiplies; from there on (CPU, native bf16, a layout
-    `int4_unpack` can read) W^T is rebuilt for that call from the packed codes with the kernel's arithmetic
-    (bit-identical to what the kernel returns for an identity input) and one bf16 GEMM follows.
-    The kernel's output rows do not depend on the batch size (checked bitwise, torch 2.13).
+    On CPU, where the packed layout is the one `int4_unpack` reads (checked at packing):
+      below `DEQUANT_MIN_TOKENS` tokens, Freehold's kernel (kernels/quant_matmul.c) multiplies fp32 activations
+        by the packed codes in place, in fp32; it is ~2x PyTorch's int4 kernel at batch 1 (no bf16 round trip of
+        the activations, reads at memory speed);
+      from there on (with native bf16), W^T is rebuilt for that call with the kernel's arithmetic and one bf16
+        GEMM follows.
+    Elsewhere (CUDA, another layout, no C compiler) PyTorch's int4 kernel multiplies, with bf16 activations.
+    Every path's output rows do not depend on the batch size.
     """
 
     def __init__(self, weight: Int4Packed, bias: torch.Tensor | None = None):
@@ -141,13 +160,26 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, K] in any float dtype -> [T, N] in x's dtype."""
-        xc = x.to(COMPUTE_DTYPE)
+        y = None
         if self.unpackable and use_dequantized(x, DEQUANT_MIN_TOKENS):
-            y = xc @ self.dequantize_t(COMPUTE_DTYPE)
-        else:
-            y = int4_matmul(xc, self.packed, self.scales_and_zeros)
+            y = x.to(COMPUTE_DTYPE) @ self.dequantize_t(COMPUTE_DTYPE)
+        elif self.unpackable:  # the packed CPU layout Freehold's kernel reads
+            y = native_int4_matmul(x.float(), self.packed, self.scales_and_zeros, self.out_features)
+        if y is None:
+            y = int4_matmul(x.to(COMPUTE_DTYPE), self.packed, self.scales_and_zeros)
         y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    @staticmethod
+    def concat(layers: list[Int4Linear], bias: torch.Tensor | None) -> Int4Linear | None:
+        """One layer whose output is the layers' outputs side by side, or None where the layout cannot be joined
+        (only the 64-row-block CPU layout is known to concatenate along N). `bias`: the joined bias, or None."""
+        if not all(layer.unpackable for layer in layers) or len({layer.in_features for layer in layers}) != 1:
+            return None
+        packed = torch.cat([layer.packed for layer in layers])  # [sum N / 64, K, 32]
+        sz = torch.cat([layer.scales_and_zeros for layer in layers], dim=1)  # [K / 32, sum N, 2]
+        n = sum(layer.out_features for layer in layers)
+        return Int4Linear(Int4Packed(packed, sz, (n, layers[0].in_features), True), bias)
 
     def dequantize_t(self, dtype: torch.dtype) -> torch.Tensor:
         """W^T [K, N] from the packed codes: (q - 8) * s + z in fp32, rounded once to `dtype` (as the kernel)."""
@@ -165,3 +197,4 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}"
+

@@ -81,6 +81,14 @@ class Int8Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return Int8Rows(self.data, self.scales).dequantize()
 
+    @staticmethod
+    def concat(layers: list[Int8Linear], bias: torch.Tensor | None) -> Int8Linear | None:
+        """One layer whose output is the layers' outputs side by side (rows are independent)."""
+        if len({layer.in_features for layer in layers}) != 1:
+            return None
+        rows = Int8Rows(torch.cat([layer.data for layer in layers]), torch.cat([layer.scales for layer in layers]))
+        return Int8Linear(rows, bias)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 

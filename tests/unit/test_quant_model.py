@@ -90,14 +90,19 @@ def default_models():
 def test_default_model_loads_packed(default_models):
     packed, dense = default_models
     m = packed.model
-    assert isinstance(m.model.layers[0].self_attn.q_proj, Int4Linear)
-    assert isinstance(m.model.layers[29].mlp.down_proj, Int4Linear)
+    attn, mlp = m.model.layers[0].self_attn, m.model.layers[29].mlp
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":  # the 64-row-block layout joins: q/k/v, gate/up fused
+        assert isinstance(attn.qkv_proj, Int4Linear) and attn.qkv_proj.out_features == 576 + 2 * 192
+        assert isinstance(mlp.gate_up_proj, Int4Linear) and not hasattr(attn, "q_proj")
+    else:
+        assert isinstance(attn.q_proj, Int4Linear)
+    assert isinstance(mlp.down_proj, Int4Linear)
     assert isinstance(m.model.embed_tokens, Bf16Embedding) and isinstance(m.lm_head, Bf16Linear)
     assert m.lm_head.table is m.model.embed_tokens.table  # tied: one bf16 table (the Q8_0 values, not re-rounded)
     if torch.backends.cpu.get_cpu_capability() == "AVX512":  # every N is a multiple of 64: prefill can dequantize
         assert all(mod.unpackable for mod in m.modules() if isinstance(mod, Int4Linear))
     assert packed.weight_bytes() < 0.25 * dense.weight_bytes()  # ~119 MiB vs ~515 MiB (bf16 embedding table)
-    assert isinstance(dense.model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    assert isinstance(dense.model.model.layers[0].self_attn.qkv_proj, torch.nn.Linear)
 
 
 def test_default_model_int4_logits_match_the_dequantized_model(default_models):

@@ -1,0 +1,252 @@
+/* Products of fp32 activations with packed weights, for decode-sized batches: y[m, n] = sum_k x[m, k] w[n, k].
+
+   int4, in PyTorch's CPU int4pack layout (freehold/quant/int4_unpack.py), group g = k / 32:
+       packed[b][k][j], j < 32: low nibble = code of row 64 b + j, high nibble = code of row 64 b + 32 + j
+       w[n, k] = (q[n, k] - 8) s[g, n] + z[g, n],      (s, z) = the bf16 pair at sz[g][n]
+       y[m, n] = sum_g ( s[g, n] * sum_{k in g} q[n, k] x[m, k]  +  (z[g, n] - 8 s[g, n]) * sum_{k in g} x[m, k] )
+   The inner sum runs in integers, exactly: each group of x is written in fixed point, x[k] = e * X[k] with
+   e = 2^(ceil(log2 max|x|) - 22) and |X| <= 2^22, and X as three signed base-256 digits,
+       X = 65536 a + 256 b + c,     sum_k q X = 65536 sum q a + 256 sum q b + sum q c   (int32, no overflow)
+   so the only rounding of x is to 23 bits below the group's largest element (fp32 keeps 24 bits of each
+   element; the error is of the order of the fp32 accumulation's own). AVX512-VNNI's vpdpbusd adds 4 code x
+   digit products per 32-bit lane: a lane is one output row, and one instruction covers 16 rows x 4 k.
+   vpermt2b gathers the 4 columns' bytes of a row into its lane; the low and high nibbles are rows j, j + 32.
+
+   bf16 table (an LM head): w[n, k] bf16 [N, K] and x rounded to bf16 by the caller, as PyTorch's bf16 GEMM does;
+   each product is exact in fp32 and the sums are fp32 (AVX512-BF16's dot product, 32 k per instruction).
+
+   No output element's arithmetic depends on M or on the other rows of x: a sequence gets the same logits alone
+   or in any batch. Threads (OpenMP, the libgomp torch uses) split the output rows. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ROWS 64   /* output rows per int4 block */
+#define GROUP 32  /* k per (s, z) pair */
+#define PREFETCH 8192  /* bytes of software prefetch distance in an int4 block */
+#define MT 4      /* activation rows per bf16 pass */
+#define NT 4      /* bf16 table rows per pass */
+#define AHEAD_ROWS 16  /* bf16 rows of software prefetch distance */
+
+static inline float bf16_to_float(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+/* acc[i] += a[2i] b[2i] + a[2i+1] b[2i+1] over bf16 pairs (exact products, fp32 sums: high pair first). */
+static inline __m512 dot_bf16(__m512 acc, __m512i a, __m512i b) {
+#ifdef __AVX512BF16__
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+#else
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, high)),
+                          _mm512_castsi512_ps(_mm512_and_si512(b, high)), acc);
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)),
+                           _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), acc);
+#endif
+}
+
+/* Rows n0 .. n0 + nt of a bf16 table against bf16 x[0:mt]: y[m][n0 + j]. Products of two bf16 numbers are exact
+   in fp32; AVX512-BF16's dot product adds each pair to the fp32 accumulator, 32 k per instruction. */
+static inline __attribute__((always_inline)) void bf16_rows(
+        const uint16_t *x, int64_t ldx, int mt, const uint16_t *w, int64_t k_total, int nt, float *y, int64_t ldy) {
+    __m512 acc[MT][NT];
+    for (int m = 0; m < mt; m++)
+        for (int j = 0; j < nt; j++) acc[m][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < k_total; k += 32) {
+        __mmask32 mask = k_total - k >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << (k_total - k)) - 1);
+        __m512i wv[NT];
+        for (int j = 0; j < nt; j++) {
+            _mm_prefetch((const char *)(w + (j + AHEAD_ROWS) * k_total + k), _MM_HINT_T0);
+            wv[j] = _mm512_maskz_loadu_epi16(mask, w + j * k_total + k);
+        }
+        for (int m = 0; m < mt; m++) {
+            __m512i xv = _mm512_maskz_loadu_epi16(mask, x + m * ldx + k);
+            for (int j = 0; j < nt; j++) acc[m][j] = dot_bf16(acc[m][j], wv[j], xv);
+        }
+    }
+    for (int m = 0; m < mt; m++)
+        for (int j = 0; j < nt; j++) y[m * ldy + j] = _mm512_reduce_add_ps(acc[m][j]);
+}
+
+#else  /* portable C: the same sums in the same order, one lane at a time */
+
+
+static inline void bf16_rows(const uint16_t *x, int64_t ldx, int mt, const uint16_t *w, int64_t k_total, int nt,
+                             float *y, int64_t ldy) {
+    for (int m = 0; m < mt; m++)
+        for (int j = 0; j < nt; j++) {
+            float acc = 0;
+            for (int64_t k = 0; k < k_total; k++) acc += bf16_to_float(w[j * k_total + k]) * bf16_to_float(x[m * ldx + k]);
+            y[m * ldy + j] = acc;
+        }
+}
+#endif
+
+/* ---- int4 ---- */
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+#define INT4_NATIVE 1
+
+/* x[m] in fixed point, per group: x[k] = e[g] * (65536 a[k] + 256 b[k] + c[k]) and xs[g] = sum_k x[k] (fp32) */
+typedef struct {
+    int8_t *digits;  /* [M][3][K]: a, then b, then c */
+    float *e;        /* [M][G] */
+    float *xs;       /* [M][G] */
+} FixedPoint;
+
+/* Signed base-256 digit of v, in [-128, 127], and what is left: v = 256 rest + digit. */
+static inline __m512i low_digit(__m512i v, __m512i *rest) {
+    __m512i digit = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, _mm512_set1_epi32(128)),
+                                                      _mm512_set1_epi32(255)), _mm512_set1_epi32(128));
+    *rest = _mm512_srai_epi32(_mm512_sub_epi32(v, digit), 8);  /* exact: v - digit is a multiple of 256 */
+    return digit;
+}
+
+static void to_fixed_point(const float *x, FixedPoint fp, int64_t m_total, int64_t k_total) {
+    int64_t groups = k_total / GROUP;
+    for (int64_t m = 0; m < m_total; m++)
+        for (int64_t g = 0; g < groups; g++) {
+            const float *xg = x + m * k_total + g * GROUP;
+            int8_t *digits = fp.digits + m * 3 * k_total + g * GROUP;
+            __m512 v[2] = {_mm512_loadu_ps(xg), _mm512_loadu_ps(xg + 16)};
+            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+            int exponent = 0;
+            frexpf(amax, &exponent);  /* amax < 2^exponent, so |x / e| < 2^22 */
+            float e = amax > 0 ? ldexpf(1.0f, exponent - 22) : 0.0f, inv_e = amax > 0 ? 1.0f / e : 0.0f;
+            for (int h = 0; h < 2; h++) {
+                __m512i fixed = _mm512_cvtps_epi32(_mm512_mul_ps(v[h], _mm512_set1_ps(inv_e)));  /* nearest */
+                __m512i rest, c = low_digit(fixed, &rest), b = low_digit(rest, &rest);  /* rest: |a| <= 64 */
+                _mm_storeu_si128((__m128i *)(digits + 16 * h), _mm512_cvtepi32_epi8(rest));
+                _mm_storeu_si128((__m128i *)(digits + k_total + 16 * h), _mm512_cvtepi32_epi8(b));
+                _mm_storeu_si128((__m128i *)(digits + 2 * k_total + 16 * h), _mm512_cvtepi32_epi8(c));
+            }
+            fp.e[m * groups + g] = e;
+            fp.xs[m * groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+        }
+}
+
+/* One 64-row block against one activation row: y[0:64]. */
+static void int4_block(const int8_t *digits, const float *e, const float *xs, const uint8_t *block,
+                       const uint32_t *sz, int64_t n_total, int64_t k_total, float *y) {
+    /* byte 4 j + i of a gathered row: column k + i's byte j (columns are 32 bytes apart in the 128 loaded) */
+    uint8_t order[2][64];
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < 16; j++)
+            for (int i = 0; i < 4; i++) order[h][4 * j + i] = (uint8_t)(32 * i + 16 * h + j);
+    const __m512i rows_lo = _mm512_loadu_si512(order[0]), rows_hi = _mm512_loadu_si512(order[1]);
+    const __m512i nibble = _mm512_set1_epi8(15), high_half = _mm512_set1_epi32((int)0xFFFF0000u);
+    const int8_t *da = digits, *db = digits + k_total, *dc = digits + 2 * k_total;
+    __m512 out[4];
+    for (int i = 0; i < 4; i++) out[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < k_total / GROUP; g++) {
+        __m512i sa[4], sb[4], sc[4];  /* sum_k q * digit, per row */
+        for (int i = 0; i < 4; i++) sa[i] = sb[i] = sc[i] = _mm512_setzero_si512();
+        for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += 4) {
+            _mm_prefetch((const char *)(block + k * 32 + PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(block + k * 32 + PREFETCH + 64), _MM_HINT_T0);
+            __m512i c01 = _mm512_loadu_si512((const void *)(block + k * 32));       /* columns k, k + 1 */
+            __m512i c23 = _mm512_loadu_si512((const void *)(block + k * 32 + 64));  /* columns k + 2, k + 3 */
+            __m512i r0 = _mm512_permutex2var_epi8(c01, rows_lo, c23);  /* rows 0..15 | 32..47 */
+            __m512i r1 = _mm512_permutex2var_epi8(c01, rows_hi, c23);  /* rows 16..31 | 48..63 */
+            __m512i q[4] = {_mm512_and_si512(r0, nibble), _mm512_and_si512(r1, nibble),
+                            _mm512_and_si512(_mm512_srli_epi16(r0, 4), nibble),
+                            _mm512_and_si512(_mm512_srli_epi16(r1, 4), nibble)};
+            int32_t a4, b4, c4;
+            memcpy(&a4, da + k, 4);
+            memcpy(&b4, db + k, 4);
+            memcpy(&c4, dc + k, 4);
+            __m512i xa = _mm512_set1_epi32(a4), xb = _mm512_set1_epi32(b4), xc = _mm512_set1_epi32(c4);
+            for (int i = 0; i < 4; i++) {
+                sa[i] = _mm512_dpbusd_epi32(sa[i], q[i], xa);
+                sb[i] = _mm512_dpbusd_epi32(sb[i], q[i], xb);
+                sc[i] = _mm512_dpbusd_epi32(sc[i], q[i], xc);
+            }
+        }
+        __m512 eg = _mm512_set1_ps(e[g]), xsg = _mm512_set1_ps(xs[g]);
+        for (int i = 0; i < 4; i++) {
+            __m512i pair = _mm512_loadu_si512((const void *)(sz + g * n_total + 16 * i));  /* s low, z high */
+            __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+            __m512 z8 = _mm512_fmadd_ps(s, _mm512_set1_ps(-8.0f), _mm512_castsi512_ps(_mm512_and_si512(pair, high_half)));
+            __m512 qx = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sa[i]), _mm512_set1_ps(65536.0f),
+                                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(sb[i]), _mm512_set1_ps(256.0f),
+                                                        _mm512_cvtepi32_ps(sc[i])));
+            out[i] = _mm512_fmadd_ps(s, _mm512_mul_ps(qx, eg), _mm512_fmadd_ps(z8, xsg, out[i]));
+        }
+    }
+    for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + 16 * i, out[i]);
+}
+#endif
+
+/* 1 when this build has the int4 kernel (AVX512-VNNI and VBMI); elsewhere callers keep PyTorch's kernel. */
+int int4_supported(void) {
+#ifdef INT4_NATIVE
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* x [M, K] fp32, packed [N / 64, K, 32] uint8, sz [K / 32, N] (s, z) bf16 pairs -> y [M, N] fp32.
+   Returns 0; 1 when the shape does not fit the layout (N % 64, K % 32); 2 out of memory; 3 when this build has
+   no AVX512-VNNI/VBMI (see int4_supported). */
+int int4_matmul(const float *x, float *y, const uint8_t *packed, const uint32_t *sz, int64_t m_total,
+                int64_t n_total, int64_t k_total) {
+#ifndef INT4_NATIVE
+    (void)x, (void)y, (void)packed, (void)sz, (void)m_total, (void)n_total, (void)k_total;
+    return 3;
+#else
+    if (n_total % ROWS || k_total % GROUP) return 1;
+    int64_t groups = k_total / GROUP, blocks = n_total / ROWS;
+    FixedPoint fp = {malloc((size_t)(m_total * 3 * k_total)), malloc(sizeof(float) * (size_t)(m_total * groups)),
+                     malloc(sizeof(float) * (size_t)(m_total * groups))};
+    int status = fp.digits && fp.e && fp.xs ? 0 : 2;
+    if (status == 0) {
+        to_fixed_point(x, fp, m_total, k_total);
+        #pragma omp parallel for schedule(static)
+        for (int64_t b = 0; b < blocks; b++)
+            for (int64_t m = 0; m < m_total; m++)  /* the block stays in cache for the next row */
+                int4_block(fp.digits + m * 3 * k_total, fp.e + m * groups, fp.xs + m * groups,
+                           packed + b * k_total * 32, sz + b * ROWS, n_total, k_total, y + m * n_total + b * ROWS);
+    }
+    free(fp.digits);
+    free(fp.e);
+    free(fp.xs);
+    return status;
+#endif
+}
+
+/* x [M, K] bf16, w [N, K] bf16 -> y [M, N] fp32. Threads split the rows of w; each reads its rows once for all M. */
+int bf16_matmul(const uint16_t *x, float *y, const uint16_t *w, int64_t m_total, int64_t n_total, int64_t k_total) {
+    int64_t groups = (n_total + NT - 1) / NT;
+    #pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        int64_t n0 = g * NT;
+        int nt = n_total - n0 < NT ? (int)(n_total - n0) : NT;
+        const uint16_t *wg = w + n0 * k_total;
+        for (int64_t m0 = 0; m0 < m_total; m0 += MT) {
+            int mt = m_total - m0 < MT ? (int)(m_total - m0) : MT;
+            const uint16_t *xt = x + m0 * k_total;
+            float *yt = y + m0 * n_total + n0;
+            if (nt == NT) {
+                switch (mt) {
+                    case 1: bf16_rows(xt, k_total, 1, wg, k_total, NT, yt, n_total); break;
+                    case 2: bf16_rows(xt, k_total, 2, wg, k_total, NT, yt, n_total); break;
+                    case 3: bf16_rows(xt, k_total, 3, wg, k_total, NT, yt, n_total); break;
+                    default: bf16_rows(xt, k_total, 4, wg, k_total, NT, yt, n_total); break;
+                }
+            } else {
+                for (int j = 0; j < nt; j++)
+                    for (int m = 0; m < mt; m++) bf16_rows(xt + m * k_total, k_total, 1, wg + j * k_total, k_total,
+                                                           1, yt + m * n_total + j, n_total);
+            }
+        }
+    }
+    return 0;
+}
