@@ -78,11 +78,12 @@ def read_bandwidth(num_bytes: int = 512 << 20, repeats: int = 7) -> float:
 def linear_bytes(model: torch.nn.Module) -> int:
     """Bytes of every linear layer's weights (packed codes + scales), each storage counted once."""
     from freehold.quant.bf16 import Bf16Linear
+    from freehold.quant.q8 import Q8Linear
     from freehold.quant.int4 import Int4Linear
     from freehold.quant.int8 import Int8Linear
     seen, total = set(), 0
     for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, Int4Linear, Int8Linear, Bf16Linear)):
+        if isinstance(module, (torch.nn.Linear, Int4Linear, Int8Linear, Bf16Linear, Q8Linear)):
             for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
                 if t.data_ptr() not in seen:
                     seen.add(t.data_ptr())

@@ -110,6 +110,12 @@ def bf16_matmul():
 
 
 @functools.cache
+def q8_matmul():
+    """`q8_matmul(x, y, codes, scales, M, N, K)` (see quant_matmul.c), or None."""
+    return _function(_library("quant_matmul"), "q8_matmul", [_P, _P, _P, _P, _I64, _I64, _I64])
+
+
+@functools.cache
 def add_rms_norm():
     """`add_rms_norm(x, residual, w, r, y, rows, dim, eps)` (see rms_norm.c), or None."""
     return _function(_library("rms_norm"), "add_rms_norm", [_P, _P, _P, _P, _P, _I64, _I64, ctypes.c_float])

@@ -1,6 +1,6 @@
 """Quantization as a module swap, in gpt-fast's two steps:
-  1. make the quantized state: `pack_weight` turns each chosen tensor into `Int4Packed` or `Int8Rows` on the
-     target device (the final layout: nothing larger stays behind);
+  1. make the quantized state: `pack_weight` turns each chosen tensor into `Int4Packed`, `Int8Rows`, `Q8Blocks`
+     or a bf16 table on the target device (the final layout: nothing larger stays behind);
   2. convert the module: `swap_modules` replaces each `nn.Linear` / `nn.Embedding` by its packed twin.
 `load_model` runs both on the raw file tensors, one tensor at a time (Q4_0/Q4_1 blocks are never dequantized);
 `quantize_model` runs both on a model that already holds float weights.
@@ -12,14 +12,16 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from freehold.kernels import native
 from freehold.models.gguf_loader import GGUFTensor
 from freehold.quant.bf16 import Bf16Embedding, Bf16Linear
 from freehold.quant.int4 import (GGUF_INT4_TYPES, Int4Linear, Int4Packed, int4_groups_from_gguf, pack_int4,
                                  quantize_int4)
 from freehold.quant.int8 import Int8Embedding, Int8Linear, Int8Rows, quantize_int8
 from freehold.quant.modes import EMBEDDING, WeightFormat, WeightMode, WeightSource, weight_format
+from freehold.quant.q8 import Q8Blocks, Q8Embedding, Q8Linear, q8_blocks_from_gguf
 
-PackedWeight = Int4Packed | Int8Rows | torch.Tensor  # a torch.Tensor: a bf16 table (WeightFormat.BF16)
+PackedWeight = Int4Packed | Int8Rows | Q8Blocks | torch.Tensor  # a torch.Tensor: a bf16 table (WeightFormat.BF16)
 
 
 def as_float(source: WeightSource, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -34,7 +36,9 @@ def pack_weight(source: WeightSource, fmt: WeightFormat, device: torch.device | 
         return pack_int4(quantize_int4(as_float(source)), device)
     if fmt is WeightFormat.INT8:
         return quantize_int8(as_float(source)).to(device)
-    if fmt is WeightFormat.BF16:
+    if fmt is WeightFormat.Q8_0 and torch.device(device).type == "cpu" and native.q8_matmul() is not None:
+        return q8_blocks_from_gguf(source)
+    if fmt in (WeightFormat.BF16, WeightFormat.Q8_0):  # Q8_0 off the CPU or without the kernel: a bf16 table
         return as_float(source, torch.bfloat16).to(device)
     raise ValueError(f"{fmt} is not a packed format")
 
@@ -45,6 +49,8 @@ def _packed_module(old: nn.Module, weight: PackedWeight) -> nn.Module:
         return Bf16Embedding(weight) if isinstance(old, nn.Embedding) else Bf16Linear(weight, bias)
     if isinstance(weight, Int4Packed):
         return Int4Linear(weight, bias)
+    if isinstance(weight, Q8Blocks):
+        return Q8Embedding(weight) if isinstance(old, nn.Embedding) else Q8Linear(weight, bias)
     if isinstance(old, nn.Embedding):
         return Int8Embedding(weight)
     return Int8Linear(weight, bias)
@@ -61,6 +67,8 @@ def swap_modules(model: nn.Module, packed: Mapping[str, PackedWeight]) -> None:
         model.lm_head = Int8Linear(Int8Rows(embedding.data, embedding.scales))
     if model.config.tie_word_embeddings and isinstance(embedding, Bf16Embedding):
         model.lm_head = Bf16Linear(embedding.table)
+    if model.config.tie_word_embeddings and isinstance(embedding, Q8Embedding):
+        model.lm_head = Q8Linear(Q8Blocks(embedding.codes, embedding.scales))
 
 
 def quantize_model(model: nn.Module, mode: WeightMode) -> nn.Module:

@@ -2,8 +2,9 @@
 
 Only the matrices of linear layers and the token embedding are ever packed; norms, biases and rope tables stay
 float in the activation dtype. A packed embedding is int8 (a lookup must dequantize single rows; the int4
-kernels' layout is opaque), except that AUTO keeps a GGUF's quantized embedding or LM head (Q8_0 ...) as a bf16
-table: re-quantizing it per row would cost accuracy (quant/bf16.py). A tied LM head follows the embedding.
+kernels' layout is opaque), except that AUTO keeps a GGUF's quantized embedding or LM head: Q8_0 as stored
+(quant/q8.py), other types as a bf16 table (quant/bf16.py); re-quantizing it per row would cost accuracy.
+A tied LM head follows the embedding.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class WeightFormat(enum.Enum):
     INT8 = "int8"
     INT4 = "int4"
     BF16 = "bf16"  # a bf16 table beside fp32 activations (AUTO's form of a GGUF's quantized embedding / head)
+    Q8_0 = "q8_0"  # a GGUF Q8_0 table as stored (AUTO's form of a Q8_0 embedding / head; bf16 where no kernel)
 
 
 def check_float_mode(mode: WeightMode, dtype: torch.dtype) -> None:
@@ -73,7 +75,7 @@ def weight_format(name: str, source: WeightSource, mode: WeightMode, tied: bool)
         return WeightFormat.FLOAT
     if name == EMBEDDING:
         if mode is WeightMode.AUTO:
-            return WeightFormat.BF16 if is_quantized(source) else WeightFormat.FLOAT
+            return _table_format(source) if is_quantized(source) else WeightFormat.FLOAT
         return WeightFormat.INT8
     if not is_linear_weight(name):
         return WeightFormat.FLOAT
@@ -86,4 +88,9 @@ def weight_format(name: str, source: WeightSource, mode: WeightMode, tied: bool)
         return WeightFormat.INT8 if name == LM_HEAD else int4  # quantizing the logits' matrix to 4 bits: no
     if not is_quantized(source):
         return WeightFormat.FLOAT  # AUTO keeps float files float
-    return WeightFormat.BF16 if name == LM_HEAD else WeightFormat.INT8  # AUTO: no per-row re-rounding of logits
+    return _table_format(source) if name == LM_HEAD else WeightFormat.INT8  # AUTO: no re-rounding of logits
+
+
+def _table_format(source: GGUFTensor) -> WeightFormat:
+    """AUTO's form of a quantized embedding / LM head: Q8_0 as stored, any other type as a bf16 table."""
+    return WeightFormat.Q8_0 if source.qtype is GGMLQuantizationType.Q8_0 else WeightFormat.BF16

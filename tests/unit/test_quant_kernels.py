@@ -10,6 +10,7 @@ from freehold.quant.convert import quantize_model
 from freehold.quant.int4 import Int4Linear, native_int4_matmul, pack_int4, quantize_int4
 from freehold.quant.int8 import Int8Linear, quantize_int8
 from freehold.quant.modes import WeightMode
+from freehold.quant.q8 import Q8Embedding, Q8Linear, native_q8_matmul, q8_blocks_from_gguf
 from tests.conftest import tiny_model
 
 FP32_EPS = 2.0 ** -24
@@ -117,3 +118,33 @@ def test_fused_model_computes_what_the_unfused_one_does(mode):
         got = model.compute_logits(model(ids, pos))
     assert model.model.layers[0].mlp.gate_up_proj is not None
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(native.q8_matmul() is None, reason="no C compiler: a Q8_0 table is held as bf16")
+@pytest.mark.parametrize("m", ROWS)
+def test_q8_0_kernel_is_exact_to_fp32(m):
+    t = gguf_q8_0(100, 256)  # 100 rows: not a multiple of the kernel's 4-row step
+    blocks = q8_blocks_from_gguf(t)
+    w = t.dequantize()  # the gguf package's reading of the same blocks
+    assert torch.equal(blocks.dequantize(), w)
+    x = torch.randn(m, 256)
+    y = native_q8_matmul(x, blocks)
+    within_fp32(y, x.double() @ w.double().T, x, w, terms=256 + 8)
+    assert torch.equal(y[m - 1], native_q8_matmul(x[m - 1:], blocks)[0])  # rows are independent
+    head, emb = Q8Linear(blocks), Q8Embedding(blocks)
+    assert torch.equal(head(x), y)
+    ids = torch.tensor([7, 0, 99, 7])
+    assert torch.equal(emb(ids), w[ids])
+    big = torch.randn(300, 256)  # more rows than a decode step: the bf16 GEMM path (x and w rounded to bf16)
+    assert ((head(big) - big @ w.T).abs() <= 2 * 2.0 ** -8 * (big.abs() @ w.abs().T)).all()
+
+
+def gguf_q8_0(n: int, k: int):
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from freehold.models.gguf_loader import GGUFTensor
+    w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
+    q = GGMLQuantizationType.Q8_0
+    return GGUFTensor("t", q, (n, k), quantize(w, q))

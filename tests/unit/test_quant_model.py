@@ -7,12 +7,14 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from freehold.errors import InvalidRequestError
+from freehold.kernels import native
 from freehold.models.gguf_loader import GGUFTensor
 from freehold.models.loader import load_model
 from freehold.quant.convert import quantize_model
 from freehold.quant.int4 import Int4Linear
 from freehold.quant.bf16 import Bf16Embedding, Bf16Linear
 from freehold.quant.int8 import Int8Embedding, Int8Linear
+from freehold.quant.q8 import Q8Embedding, Q8Linear
 from freehold.quant.modes import WeightFormat as F
 from freehold.quant.modes import WeightMode as M
 from freehold.quant.modes import check_float_mode, weight_format
@@ -37,8 +39,9 @@ def gguf(qtype, shape=(64, 64)):
     ("model.layers.0.mlp.up_proj.weight", gguf(Q.F16, (40, 64)), M.INT4, F.INT8),  # rows not a multiple of 16
     ("lm_head.weight", gguf(Q.F16, (256, 64)), M.INT4, F.INT8),  # the logits' matrix: 8 bits at least
     ("lm_head.weight", gguf(Q.Q4_0, (256, 64)), M.INT4, F.INT4),  # ... unless the file made it 4-bit
-    ("model.embed_tokens.weight", gguf(Q.Q8_0), M.AUTO, F.BF16),  # no per-row re-rounding of a Q8_0 table
-    ("lm_head.weight", gguf(Q.Q8_0, (256, 64)), M.AUTO, F.BF16),
+    ("model.embed_tokens.weight", gguf(Q.Q8_0), M.AUTO, F.Q8_0),  # no per-row re-rounding of a Q8_0 table
+    ("lm_head.weight", gguf(Q.Q8_0, (256, 64)), M.AUTO, F.Q8_0),
+    ("lm_head.weight", gguf(Q.Q6_K, (256, 64)), M.AUTO, F.BF16),  # other quantized tables: bf16
     ("model.embed_tokens.weight", gguf(Q.Q8_0), M.INT8, F.INT8),
     ("model.embed_tokens.weight", gguf(Q.Q4_0), M.INT4, F.INT8),  # lookups need rows: int8
     ("model.embed_tokens.weight", gguf(Q.F32), M.AUTO, F.FLOAT),
@@ -97,11 +100,15 @@ def test_default_model_loads_packed(default_models):
     else:
         assert isinstance(attn.q_proj, Int4Linear)
     assert isinstance(mlp.down_proj, Int4Linear)
-    assert isinstance(m.model.embed_tokens, Bf16Embedding) and isinstance(m.lm_head, Bf16Linear)
-    assert m.lm_head.table is m.model.embed_tokens.table  # tied: one bf16 table (the Q8_0 values, not re-rounded)
+    if native.q8_matmul() is not None:  # tied: one table, the file's Q8_0 blocks as stored
+        assert isinstance(m.model.embed_tokens, Q8Embedding) and isinstance(m.lm_head, Q8Linear)
+        assert m.lm_head.codes is m.model.embed_tokens.codes
+    else:  # no kernel for it: the Q8_0 values as a bf16 table
+        assert isinstance(m.model.embed_tokens, Bf16Embedding) and isinstance(m.lm_head, Bf16Linear)
+        assert m.lm_head.table is m.model.embed_tokens.table
     if torch.backends.cpu.get_cpu_capability() == "AVX512":  # every N is a multiple of 64: prefill can dequantize
         assert all(mod.unpackable for mod in m.modules() if isinstance(mod, Int4Linear))
-    assert packed.weight_bytes() < 0.25 * dense.weight_bytes()  # ~119 MiB vs ~515 MiB (bf16 embedding table)
+    assert packed.weight_bytes() < 0.25 * dense.weight_bytes()  # ~93 MiB (Q8_0 table; 119 as bf16) vs ~515 MiB
     assert isinstance(dense.model.model.layers[0].self_attn.qkv_proj, torch.nn.Linear)
 
 
