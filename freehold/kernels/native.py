@@ -119,3 +119,9 @@ def q8_matmul():
 def add_rms_norm():
     """`add_rms_norm(x, residual, w, r, y, rows, dim, eps)` (see rms_norm.c), or None."""
     return _function(_library("rms_norm"), "add_rms_norm", [_P, _P, _P, _P, _P, _I64, _I64, ctypes.c_float])
+
+
+@functools.cache
+def rope():
+    """`rope(x, y, cos, sin, tokens, heads, head_dim, stride)` (see rope.c), or None."""
+    return _function(_library("rope"), "rope", [_P, _P, _P, _P, _I64, _I64, _I64, _I64])

@@ -158,6 +158,8 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if cache is None or meta is None:
         return _sdpa(q[None], k[None], v[None], None, causal=True)[0]
     cache.write(layer, meta.slot_mapping, k, v)
+    if meta.num_decode == q.shape[0]:  # a decode-only step: no chunk to place beside it
+        return _decode_attention(layer, q, cache, meta)
     out = torch.empty_like(q)
     if meta.num_decode:
         out[:meta.num_decode] = _decode_attention(layer, q[:meta.num_decode], cache, meta)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from freehold.config import RopeScaling
+from freehold.kernels import native
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
@@ -47,7 +48,7 @@ class RotaryEmbedding(nn.Module):
     def tables(self, positions: torch.Tensor) -> RopeTables:
         """The rotation at `positions` [T], laid out for `RopeTables.apply`."""
         cos, sin = self.cos[positions], self.sin[positions]  # [T, D/2]
-        return RopeTables(torch.cat([cos, cos], -1).unsqueeze(1), torch.cat([-sin, sin], -1).unsqueeze(1))
+        return RopeTables(torch.cat([cos, cos], -1).unsqueeze(1), torch.cat([-sin, sin], -1).unsqueeze(1))  # contiguous
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, D], positions: [T] -> [T, heads, D]"""
@@ -64,7 +65,13 @@ class RopeTables:
     sin: torch.Tensor
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, D] -> [T, heads, D] in x's dtype (computed in fp32)."""
+        """x: [T, heads, D] -> [T, heads, D] in x's dtype (computed in fp32), a new tensor."""
+        kernel = native.rope() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        if kernel is not None and x.stride(2) == 1 and x.stride(1) == x.shape[2]:  # heads contiguous in a token
+            t, heads, d = x.shape
+            y = torch.empty(t, heads, d)
+            kernel(x.data_ptr(), y.data_ptr(), self.cos.data_ptr(), self.sin.data_ptr(), t, heads, d, x.stride(0))
+            return y
         xf = x.float()
         out = torch.addcmul(xf * self.cos, xf.roll(x.shape[-1] // 2, dims=-1), self.sin)
         return out.to(x.dtype)

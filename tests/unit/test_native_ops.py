@@ -1,0 +1,56 @@
+"""The small native ops of a decode step (kernels/rope.c, kernels/rms_norm.c) against their PyTorch definitions."""
+import pytest
+import torch
+
+from freehold.kernels import native
+from freehold.layers.norm import RMSNorm
+from freehold.layers.rotary import RotaryEmbedding
+
+
+@pytest.fixture
+def no_native(monkeypatch):
+    """Run the body with the PyTorch paths (the switch read on first use, so the caches are cleared)."""
+    def switch(on: bool):
+        monkeypatch.setenv(native.ENV_SWITCH, "1" if on else "0")
+        native.rope.cache_clear()
+        native.add_rms_norm.cache_clear()
+    yield switch
+    switch(True)
+
+
+@pytest.mark.skipif(native.rope() is None, reason="no C compiler")
+def test_rope_kernel_matches_the_rotation(no_native):
+    torch.manual_seed(0)
+    rotary = RotaryEmbedding(64, 4096, 10000.0)
+    qkv = torch.randn(7, 9 + 2 * 3, 64)  # a fused projection's heads; q and k are the first 12
+    tables = rotary.tables(torch.tensor([0, 1, 5, 100, 2047, 4095, 3]))
+    got = tables.apply(qkv[:, :12])
+    no_native(False)
+    want = tables.apply(qkv[:, :12])
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    # the rotation itself: the pair (x_i, x_{i+32}) turned by angle p * theta_i
+    p, i = 100, 5
+    theta = 10000.0 ** (-2 * i / 64)
+    x1, x2 = qkv[3, 0, i].double(), qkv[3, 0, i + 32].double()
+    c, s = torch.cos(torch.tensor(p * theta, dtype=torch.float64)), torch.sin(torch.tensor(p * theta, dtype=torch.float64))
+    assert abs(got[3, 0, i].item() - (x1 * c - x2 * s).item()) < 1e-5
+    assert abs(got[3, 0, i + 32].item() - (x2 * c + x1 * s).item()) < 1e-5
+
+
+@pytest.mark.skipif(native.add_rms_norm() is None, reason="no C compiler")
+@pytest.mark.parametrize("rows", [1, 300])
+def test_add_rms_norm_kernel_matches_the_definition(no_native, rows):
+    torch.manual_seed(0)
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data.normal_()
+    x, residual = torch.randn(rows, 576), torch.randn(rows, 576) * 3
+    y, total = norm.add_and_norm(x, residual)
+    assert torch.equal(total, x + residual)
+    h = (x + residual).double()
+    want = norm.weight.double() * h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    first, none = norm.add_and_norm(x, None)
+    assert torch.equal(none, x) and torch.equal(first, norm(x))
+    no_native(False)
+    y_torch, _ = norm.add_and_norm(x, residual)
+    torch.testing.assert_close(y, y_torch, rtol=1e-5, atol=1e-5)
