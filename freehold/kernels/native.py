@@ -91,7 +91,8 @@ _P, _I, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 def paged_attention():
     """The `paged_decode_attention` C function (see paged_attention.c), or None."""
     return _function(_library("paged_attention"), "paged_decode_attention",
-                     [_P, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float])
+                     [_P, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float,
+                      _P, _P, _I64, _I64, _P])
 
 
 @functools.cache

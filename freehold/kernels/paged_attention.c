@@ -20,7 +20,7 @@
 
 #define MAX_D 256
 #define MAX_G 16
-#define AHEAD 16  /* tokens of software prefetch distance */
+#define AHEAD 32  /* tokens of software prefetch distance */
 #define CHUNK 128  /* tokens per task */
 
 static inline float bf16_to_float(uint16_t x) {
@@ -178,14 +178,41 @@ static void merge(const float *pm, const float *pl, const float *pacc, int64_t f
 /* Tasks are (sequence b, KV head g, chunk c of CHUNK tokens): a fixed split of each context, never one that
    depends on the batch, so that a sequence's result is the same in any batch; a single sequence still keeps
    every thread busy. */
+/* Store each sequence's new K and V row (token b's rows `stride` floats apart) at its cache slot, in the cache's
+   element type (bf16: nearest-even, as PyTorch's conversion). fp32 and bf16 caches only. */
+static void store_rows(const float *rows, int64_t stride, const int64_t *slots, void *cache, int dtype, int batch,
+                       int kv_heads, int head_dim) {
+    int64_t width = (int64_t)kv_heads * head_dim;
+    for (int b = 0; b < batch; b++) {
+        const float *src = rows + b * stride;
+        if (dtype == 0) {
+            memcpy((float *)cache + slots[b] * width, src, sizeof(float) * width);
+        } else {
+            uint16_t *dst = (uint16_t *)cache + slots[b] * width;
+            for (int64_t i = 0; i < width; i++) {
+                uint32_t bits;
+                memcpy(&bits, src + i, sizeof bits);
+                dst[i] = (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+            }
+        }
+    }
+}
+
+/* k_new / v_new (or NULL): the step's new rows, one token per sequence, stored first (see store_rows). */
 int paged_decode_attention(const float *q, float *out, const void *k_cache, const void *v_cache,
                            const _Float16 *k_scales, const _Float16 *v_scales, int dtype,
                            const int64_t *block_tables, const int64_t *context_lens,
                            int batch, int max_blocks, int heads, int kv_heads, int head_dim, int block_size,
-                           float scale) {
+                           float scale, const float *k_new, const float *v_new, int64_t k_stride, int64_t v_stride,
+                           const int64_t *slots) {
     int group = heads / kv_heads;
     int log2_bs = __builtin_ctz((unsigned)block_size);  /* block_size is a power of two (EngineConfig checks) */
     if (head_dim > MAX_D || group > MAX_G || heads % kv_heads || block_size != 1 << log2_bs) return 1;
+    if (k_new != NULL) {
+        if (dtype == 2) return 1;  /* int8 rows need their scales: Int8KVCache.write stores them */
+        store_rows(k_new, k_stride, slots, (void *)k_cache, dtype, batch, kv_heads, head_dim);
+        store_rows(v_new, v_stride, slots, (void *)v_cache, dtype, batch, kv_heads, head_dim);
+    }
     int64_t *first_chunk = malloc(sizeof(int64_t) * ((size_t)batch + 1));  /* chunks of sequences before b */
     if (first_chunk == NULL) return 2;
     first_chunk[0] = 0;

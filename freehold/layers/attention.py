@@ -122,12 +122,19 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return out.transpose(1, 2)
 
 
-def _decode_attention(layer: int, q: torch.Tensor, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-    """q: [B, H, D], one token per decoding sequence -> [B, H, D]."""
+def _decode_attention(layer: int, q: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
+                      new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """q: [B, H, D], one token per decoding sequence -> [B, H, D]. `new_kv`: this step's K/V rows [B, KVH, D],
+    not yet stored (a decode-only step hands them to the kernel, which stores them first)."""
     kernel = native.paged_attention() if q.device.type == "cpu" and q.dtype == torch.float32 else None
     view = cache.native_view(layer) if kernel is not None else None
     if view is not None:
-        return _native_decode(kernel, view, q.contiguous(), meta)
+        if new_kv is not None and (view.code == 2 or not all(_rows_ok(t) for t in new_kv)):
+            cache.write(layer, meta.slot_mapping, *new_kv)  # int8 rows need their scales: the cache's own write
+            new_kv = None
+        return _native_decode(kernel, view, q.contiguous(), meta, new_kv)
+    if new_kv is not None:
+        cache.write(layer, meta.slot_mapping, *new_kv)
     max_len = int(meta.decode_context_lens.max())
     kd, vd = cache.gather(layer, meta.decode_block_tables, max_len)  # [B, S, KVH, D]
     pos = torch.arange(max_len, device=q.device)
@@ -135,18 +142,29 @@ def _decode_attention(layer: int, q: torch.Tensor, cache: KVCache, meta: Attenti
     return _sdpa(q[:, None], kd, vd, mask, causal=False)[:, 0]
 
 
-def _native_decode(kernel, kv: NativeKV, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+def _native_decode(kernel, kv: NativeKV, q: torch.Tensor, meta: AttentionMetadata,
+                   new_kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """The kernel stores `new_kv` (fp32 rows, fp32/bf16 cache) before attending, when given."""
     batch, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = kv.k.shape
     tables, lens = meta.decode_block_tables.contiguous(), meta.decode_context_lens.contiguous()
     out = torch.empty_like(q)
     scales = (kv.k_scales.data_ptr(), kv.v_scales.data_ptr()) if kv.k_scales is not None else (None, None)
+    store = (None, None, 0, 0, None)
+    if new_kv is not None:
+        (k, v), slots = new_kv, meta.slot_mapping.contiguous()  # held: the kernel reads these pointers
+        store = (k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), slots.data_ptr())
     status = kernel(q.data_ptr(), out.data_ptr(), kv.k.data_ptr(), kv.v.data_ptr(), *scales, kv.code,
                     tables.data_ptr(), lens.data_ptr(), batch, tables.shape[1], heads, kv_heads, head_dim,
-                    block_size, head_dim ** -0.5)
+                    block_size, head_dim ** -0.5, *store)
     if status:
         raise RuntimeError(f"native paged attention failed (status {status}: shape or memory)")
     return out
+
+
+def _rows_ok(t: torch.Tensor) -> bool:
+    """[B, KVH, D] fp32 whose rows (one per sequence) are each contiguous."""
+    return t.dtype == torch.float32 and t.stride(2) == 1 and t.stride(1) == t.shape[2]
 
 
 def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -157,9 +175,9 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """
     if cache is None or meta is None:
         return _sdpa(q[None], k[None], v[None], None, causal=True)[0]
+    if meta.num_decode == q.shape[0]:  # a decode-only step: no chunk beside it; the kernel stores the new K/V
+        return _decode_attention(layer, q, cache, meta, (k, v))
     cache.write(layer, meta.slot_mapping, k, v)
-    if meta.num_decode == q.shape[0]:  # a decode-only step: no chunk to place beside it
-        return _decode_attention(layer, q, cache, meta)
     out = torch.empty_like(q)
     if meta.num_decode:
         out[:meta.num_decode] = _decode_attention(layer, q[:meta.num_decode], cache, meta)
