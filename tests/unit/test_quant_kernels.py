@@ -148,3 +148,13 @@ def gguf_q8_0(n: int, k: int):
     w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
     q = GGMLQuantizationType.Q8_0
     return GGUFTensor("t", q, (n, k), quantize(w, q))
+
+
+@pytest.mark.parametrize("m", ROWS)
+def test_pytorch_int8_kernel_is_exact_to_fp32_with_fp32_inputs(m):
+    """The int8 layers' kernel: in fp32 it computes dequantize-then-matmul (the layers feed it bf16 for speed)."""
+    rows = quantize_int8(torch.randn(96, 256))
+    w = rows.dequantize()
+    x = torch.randn(m, 256)
+    y = torch._weight_int8pack_mm(x, rows.data, rows.scales)
+    within_fp32(y, x.double() @ w.double().T, x, w, terms=256 + 2)
