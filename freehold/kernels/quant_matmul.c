@@ -16,7 +16,7 @@
    each product is exact in fp32 and the sums are fp32 (AVX512-BF16's dot product, 32 k per instruction).
 
    Q8_0 table (a GGUF's embedding / LM head as stored): w[n, k] = d[n, b] q[n, k], b = k / 32, q int8, d fp16;
-   fp32 x, fp32 arithmetic: exact products, fp32 sums.
+   fp32 x; d q is exact in fp32, so every product is exact and the sums are fp32.
 
    No output element's arithmetic depends on M or on the other rows of x: a sequence gets the same logits alone
    or in any batch. Threads (OpenMP, the libgomp torch uses) split the output rows. */
@@ -31,7 +31,7 @@
 #define MT 4      /* activation rows per bf16 pass */
 #define NT 4      /* bf16 table rows per pass */
 #define AHEAD_ROWS 16  /* table rows of software prefetch distance */
-#define Q8_MT 2   /* activation rows per Q8_0 pass */
+#define Q8_MT 4   /* activation rows per Q8_0 pass */
 
 static inline float bf16_to_float(uint16_t x) {
     uint32_t bits = (uint32_t)x << 16;
@@ -79,8 +79,8 @@ static inline __attribute__((always_inline)) void bf16_rows(
         for (int j = 0; j < nt; j++) y[m * ldy + j] = _mm512_reduce_add_ps(acc[m][j]);
 }
 
-/* Rows n0 .. n0 + nt of a Q8_0 table against fp32 x[0:mt]: y[m][n0 + j] = sum_b d[b] * sum_{k in b} q[k] x[k],
-   the block's 32 products summed in fp32 (exact int8 -> fp32 widening), then scaled by its d and accumulated. */
+/* Rows n0 .. n0 + nt of a Q8_0 table against fp32 x[0:mt]: y[m][n0 + j] = sum_k (d[b] q[k]) x[k], b = k / 32.
+   d q is exact in fp32 (an fp16 times an int8: 19 significant bits), so each product is exact; sums are fp32. */
 static inline __attribute__((always_inline)) void q8_rows(
         const float *x, int64_t ldx, int mt, const int8_t *q, const _Float16 *d, int64_t k_total, int nt, float *y,
         int64_t ldy) {
@@ -88,18 +88,18 @@ static inline __attribute__((always_inline)) void q8_rows(
     for (int m = 0; m < mt; m++)
         for (int j = 0; j < nt; j++) acc[m][j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < k_total / GROUP; b++) {
-        __m512 w0[NT], w1[NT], scale[NT];
+        __m512 w0[NT], w1[NT];
         for (int j = 0; j < nt; j++) {
             const int8_t *row = q + j * k_total + b * GROUP;
             _mm_prefetch((const char *)(row + AHEAD_ROWS * k_total), _MM_HINT_T0);
-            w0[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)row)));
-            w1[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + 16))));
-            scale[j] = _mm512_set1_ps((float)d[j * (k_total / GROUP) + b]);
+            __m512 scale = _mm512_set1_ps((float)d[j * (k_total / GROUP) + b]);
+            w0[j] = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)row))));
+            w1[j] = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                _mm_loadu_si128((const __m128i *)(row + 16)))));
         }
         for (int m = 0; m < mt; m++) {
             __m512 x0 = _mm512_loadu_ps(x + m * ldx + b * GROUP), x1 = _mm512_loadu_ps(x + m * ldx + b * GROUP + 16);
-            for (int j = 0; j < nt; j++)
-                acc[m][j] = _mm512_fmadd_ps(scale[j], _mm512_fmadd_ps(w1[j], x1, _mm512_mul_ps(w0[j], x0)), acc[m][j]);
+            for (int j = 0; j < nt; j++) acc[m][j] = _mm512_fmadd_ps(w1[j], x1, _mm512_fmadd_ps(w0[j], x0, acc[m][j]));
         }
     }
     for (int m = 0; m < mt; m++)
@@ -123,11 +123,8 @@ static inline void q8_rows(const float *x, int64_t ldx, int mt, const int8_t *q,
     for (int m = 0; m < mt; m++)
         for (int j = 0; j < nt; j++) {
             float acc = 0;
-            for (int64_t b = 0; b < k_total / GROUP; b++) {
-                float block = 0;
-                for (int k = 0; k < GROUP; k++) block += (float)q[j * k_total + b * GROUP + k] * x[m * ldx + b * GROUP + k];
-                acc += (float)d[j * (k_total / GROUP) + b] * block;
-            }
+            for (int64_t k = 0; k < k_total; k++)
+                acc += (float)d[j * (k_total / GROUP) + k / GROUP] * (float)q[j * k_total + k] * x[m * ldx + k];
             y[m * ldy + j] = acc;
         }
 }
@@ -311,7 +308,9 @@ int q8_matmul(const float *x, float *y, const int8_t *q, const _Float16 *d, int6
             int mt = m_total - m0 < Q8_MT ? (int)(m_total - m0) : Q8_MT;
             const float *xt = x + m0 * k_total;
             float *yt = y + m0 * n_total + n0;
-            if (nt == NT && mt == 2) q8_rows(xt, k_total, 2, qg, dg, k_total, NT, yt, n_total);
+            if (nt == NT && mt == 4) q8_rows(xt, k_total, 4, qg, dg, k_total, NT, yt, n_total);
+            else if (nt == NT && mt == 3) q8_rows(xt, k_total, 3, qg, dg, k_total, NT, yt, n_total);
+            else if (nt == NT && mt == 2) q8_rows(xt, k_total, 2, qg, dg, k_total, NT, yt, n_total);
             else if (nt == NT) q8_rows(xt, k_total, 1, qg, dg, k_total, NT, yt, n_total);
             else
                 for (int j = 0; j < nt; j++)
