@@ -1,7 +1,10 @@
-"""Single-stream generation: prefill and decode tokens/s, Freehold beside transformers on the same weights."""
+"""Single-stream generation: prefill and decode tokens/s, Freehold beside transformers on the same weights and,
+when llama-cpp-python is installed, llama.cpp on the same GGUF with as many threads. The systems take turns
+(one repeat of each, then the next round), so a slow minute on a shared machine hits all of them alike."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 from bench.common import Timer, pydoc_token_ids, write_results
 
@@ -13,6 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--weights", default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"])
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--no-llama-cpp", action="store_true")
 
 
 def freehold_timings(llm, prompt: list[int], decode_tokens: int) -> tuple[float, float]:
@@ -24,6 +28,29 @@ def freehold_timings(llm, prompt: list[int], decode_tokens: int) -> tuple[float,
     with Timer() as t_total:
         llm.generate(prompt, SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True))
     return t_prefill.seconds, t_total.seconds - t_prefill.seconds
+
+
+def llama_cpp_model(path, context: int):
+    """The GGUF in llama.cpp (llama-cpp-python) with torch's thread count; logits kept for every position."""
+    import torch
+    from llama_cpp import Llama
+    threads = torch.get_num_threads()
+    return Llama(str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=512, logits_all=True,
+                 verbose=False)
+
+
+def llama_cpp_timings(model, prompt: list[int], decode_tokens: int) -> tuple[float, float]:
+    """Prefill of `prompt`, then greedy decode of `decode_tokens` one token per eval, as Freehold's loop does."""
+    import numpy as np
+    model.reset()
+    with Timer() as t_prefill:
+        model.eval(prompt)
+    token = int(np.argmax(model.scores[len(prompt) - 1]))
+    with Timer() as t_decode:
+        for _ in range(decode_tokens):
+            model.eval([token])
+            token = int(np.argmax(model.scores[model.n_tokens - 1]))
+    return t_prefill.seconds, t_decode.seconds
 
 
 def transformers_timings(model, prompt: list[int], decode_tokens: int) -> tuple[float, float]:
@@ -50,14 +77,21 @@ def run(args: argparse.Namespace) -> int:
             else AutoModelForCausalLM.from_pretrained(str(path))
         ref.eval()
         systems.append(("transformers fp32", lambda: transformers_timings(ref, prompt, args.decode_tokens)))
-    rows, best = [], {}
-    for name, fn in systems:
+    if not args.no_llama_cpp and importlib.util.find_spec("llama_cpp") is not None and llm.loaded.path.is_file():
+        cpp = llama_cpp_model(llm.loaded.path, args.prompt_tokens + args.decode_tokens + 8)
+        systems.append(("llama.cpp", lambda: llama_cpp_timings(cpp, prompt, args.decode_tokens)))
+    for _, fn in systems:
         fn()  # warm-up
-        runs = [fn() for _ in range(args.repeats)]
-        prefill, decode = min(r[0] for r in runs), min(r[1] for r in runs)
+    runs = {name: [] for name, _ in systems}
+    for _ in range(args.repeats):  # rounds: each system once per round
+        for name, fn in systems:
+            runs[name].append(fn())
+    rows, best = [], {}
+    for name, _ in systems:
+        prefill, decode = min(r[0] for r in runs[name]), min(r[1] for r in runs[name])
         best[name] = (args.prompt_tokens / prefill, args.decode_tokens / decode)
-        rows.append([name, f"weights {args.weights}" if name == "freehold" else "weights fp32",
-                     round(best[name][0], 1), round(best[name][1], 1)])
+        weights = {"freehold": f"weights {args.weights}", "llama.cpp": "the GGUF as stored"}.get(name, "weights fp32")
+        rows.append([name, weights, round(best[name][0], 1), round(best[name][1], 1)])
     if "transformers fp32" in best:
         base = best["transformers fp32"]
         for row, name in zip(rows, best):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.common import Timer, pydoc_token_ids, write_results
-from bench.generate import freehold_timings
+from bench.generate import freehold_timings, llama_cpp_model, llama_cpp_timings
 
 CONFIGS = (  # (weights, KV dtype, activation dtype)
     ("fp32", "auto", torch.float32),
@@ -115,14 +115,11 @@ def measure_llama_cpp(args, path, ppl_ids: list[int], prompt: list[int]) -> Row:
     """The same GGUF in llama.cpp with as many threads as torch uses; its KV cache is f16. It reads every stored
     tensor per token (the tied Q8_0 embedding is also its LM head)."""
     import numpy as np
-    from llama_cpp import Llama
 
     from freehold.models.gguf_loader import load_gguf
     gguf = load_gguf(path)
     cfg, weights = gguf.config, sum(t.data.nbytes for t in gguf.tensors.values())
-    threads = torch.get_num_threads()
-    llm = Llama(str(path), n_ctx=max(args.window, len(prompt) + args.decode_tokens + 8), n_threads=threads,
-                n_threads_batch=threads, n_batch=512, logits_all=True, verbose=False)
+    llm = llama_cpp_model(path, max(args.window, len(prompt) + args.decode_tokens + 8))
     nll, predicted = 0.0, 0
     for w in range(len(ppl_ids[:args.ppl_tokens]) // args.window):
         window = ppl_ids[w * args.window:(w + 1) * args.window]
@@ -131,21 +128,11 @@ def measure_llama_cpp(args, path, ppl_ids: list[int], prompt: list[int]) -> Row:
         logits = torch.from_numpy(np.array(llm.scores[:len(window) - 1], dtype=np.float32))
         nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum"))
         predicted += len(window) - 1
-    prefills, decodes = [], []
-    for _ in range(args.repeats + 1):
-        llm.reset()
-        with Timer() as t:
-            llm.eval(prompt)
-        prefills.append(t.seconds)
-        token = int(np.argmax(llm.scores[len(prompt) - 1]))
-        with Timer() as t:
-            for _ in range(args.decode_tokens):
-                llm.eval([token])
-                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        decodes.append(t.seconds)
+    runs = [llama_cpp_timings(llm, prompt, args.decode_tokens) for _ in range(args.repeats + 1)][1:]  # warm-up
+    prefill, decode = min(r[0] for r in runs), min(r[1] for r in runs)
     kv_per_token = cfg.kv_bytes_per_token(torch.float16)
     return Row("llama.cpp", "f16", weights / 2**20, kv_per_token, math.exp(nll / predicted),
-               len(prompt) / min(prefills[1:]), args.decode_tokens / min(decodes[1:]),
+               len(prompt) / prefill, args.decode_tokens / decode,
                weights + kv_per_token * (len(prompt) + args.decode_tokens / 2))
 
 

@@ -1,5 +1,5 @@
 """Resident memory after loading the default model: native int4 stays under 200 MB above the Python + torch
-baseline (the packed weights are 119 MiB); dequantized fp32 needs over 540 MB. Each load runs in a fresh process."""
+baseline (the packed weights are 94 MiB); dequantized fp32 needs over 540 MB. Each load runs in a fresh process."""
 import subprocess
 import sys
 
@@ -23,7 +23,7 @@ def resident_after_load(weights: str) -> tuple[int, int]:
 
 def test_int4_model_is_resident_in_under_200_mb():
     rss, weight_bytes = resident_after_load("auto")
-    assert weight_bytes < 128 * 2**20
+    assert weight_bytes < 100 * 2**20  # int4 layers and the Q8_0 table as stored (a bf16 table: 119 MiB)
     assert rss < 200 * 10**6, f"{rss / 2**20:.0f} MiB above the torch baseline"
 
 
