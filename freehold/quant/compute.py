@@ -11,6 +11,8 @@ The int kernels need bf16 activations (with fp32 ones they are 20-40x slower), s
 and outputs return in the caller's dtype. Decode reads each weight once per token and is bound by weight bytes:
 the kernels win. Prefill is bound by arithmetic: the bf16 GEMM wins, on CPUs that multiply bf16 natively
 (AVX512-BF16 or AMX); on others the kernels serve every batch size. fp32 never wins, so there is no fp32 path.
+Where Freehold's own int4 kernel runs (kernels/quant_matmul.c: CPUs with AVX512-VNNI) it replaces PyTorch's int4
+kernel below the dequantizing threshold and takes fp32 activations (no bf16 rounding on that path).
 """
 from __future__ import annotations
 

@@ -141,9 +141,10 @@ class Int4Linear(nn.Module):
     """y = x W^T (+ b) with W held packed as int4 (0.5 byte + 4 / 32 byte of bf16 (s, z) per weight).
 
     On CPU, where the packed layout is the one `int4_unpack` reads (checked at packing):
-      below `DEQUANT_MIN_TOKENS` tokens, Freehold's kernel (kernels/quant_matmul.c) multiplies fp32 activations
-        by the packed codes in place, in fp32; it is ~2x PyTorch's int4 kernel at batch 1 (no bf16 round trip of
-        the activations, reads at memory speed);
+      below `DEQUANT_MIN_TOKENS` tokens, Freehold's kernel (kernels/quant_matmul.c, AVX512-VNNI) multiplies
+        fp32 activations by the packed codes in place, exactly to fp32 (integer sums over fixed-point
+        activations); measured at batch 1 with the weights in cache it runs at 2x PyTorch's int4 kernel, from
+        ~16 rows on about as fast;
       from there on (with native bf16), W^T is rebuilt for that call with the kernel's arithmetic and one bf16
         GEMM follows.
     Elsewhere (CUDA, another layout, no C compiler) PyTorch's int4 kernel multiplies, with bf16 activations.
