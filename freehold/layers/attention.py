@@ -64,6 +64,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self._workspace: dict[str, torch.Tensor] = {}  # gather outputs, reused across layers and steps
+        self._views: dict[int, NativeKV | None] = {}  # per layer, for the native decode kernel
 
     @property
     def num_bytes(self) -> int:
@@ -89,7 +90,13 @@ class KVCache:
                 self._gather(self.v[layer], block_tables, length, "v"))
 
     def native_view(self, layer: int) -> NativeKV | None:
-        """This layer's K/V for the native kernel, or None where it cannot read them (device, dtype)."""
+        """This layer's K/V for the native kernel, or None where it cannot read them (device, dtype); built once
+        per layer (the storage never moves)."""
+        if layer not in self._views:
+            self._views[layer] = self._native_view(layer)
+        return self._views[layer]
+
+    def _native_view(self, layer: int) -> NativeKV | None:
         code = {torch.float32: 0, torch.bfloat16: 1}.get(self.k.dtype)
         if code is None or self.k.device.type != "cpu":
             return None

@@ -65,7 +65,7 @@ class Int8KVCache(KVCache):
             data[layer].view(-1, *q.shape[2:]).index_copy_(0, slots, q[i])
             scales[layer].view(-1, scale.shape[2]).index_copy_(0, slots, scale[i])
 
-    def native_view(self, layer: int) -> NativeKV | None:
+    def _native_view(self, layer: int) -> NativeKV | None:
         if self.k.device.type != "cpu":
             return None
         return NativeKV(self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer], code=2)
