@@ -32,7 +32,6 @@
 #define NT 4      /* bf16 table rows per pass */
 #define AHEAD_ROWS 16  /* table rows of software prefetch distance */
 #define Q8_MT 4   /* activation rows per Q8_0 pass */
-#define INT4_MT 3 /* activation rows per int4 half-block pass */
 
 static inline float bf16_to_float(uint16_t x) {
     uint32_t bits = (uint32_t)x << 16;
@@ -224,59 +223,6 @@ static void int4_block(const int8_t *digits, const float *e, const float *xs, co
     }
     for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + 16 * i, out[i]);
 }
-
-/* Half a block (rows 16 h .. 16 h + 15 and 32 + 16 h .. 32 + 16 h + 15) against activation rows x[0:mt]: the
-   code unpacking is shared by mt rows. Integer sums are exact in any order and the epilogue is int4_block's, so
-   every output equals int4_block's bit for bit (a row's result does not depend on the batch). */
-static inline __attribute__((always_inline)) void int4_half(
-        const int8_t *digits, const float *e, const float *xs, int mt, int h, const uint8_t *block,
-        const uint32_t *sz, int64_t n_total, int64_t k_total, float *y) {
-    uint8_t order[64];
-    for (int j = 0; j < 16; j++)
-        for (int i = 0; i < 4; i++) order[4 * j + i] = (uint8_t)(32 * i + 16 * h + j);
-    const __m512i rows = _mm512_loadu_si512(order), nibble = _mm512_set1_epi8(15);
-    const __m512i high_half = _mm512_set1_epi32((int)0xFFFF0000u);
-    const int64_t groups = k_total / GROUP;
-    const int offset[2] = {16 * h, 32 + 16 * h};  /* first row of each output vector */
-    __m512 out[INT4_MT][2];
-    for (int m = 0; m < mt; m++) out[m][0] = out[m][1] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        __m512i sa[INT4_MT][2], sb[INT4_MT][2], sc[INT4_MT][2];
-        for (int m = 0; m < mt; m++)
-            for (int v = 0; v < 2; v++) sa[m][v] = sb[m][v] = sc[m][v] = _mm512_setzero_si512();
-        for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += 4) {
-            __m512i r = _mm512_permutex2var_epi8(_mm512_loadu_si512((const void *)(block + k * 32)), rows,
-                                                 _mm512_loadu_si512((const void *)(block + k * 32 + 64)));
-            __m512i q[2] = {_mm512_and_si512(r, nibble), _mm512_and_si512(_mm512_srli_epi16(r, 4), nibble)};
-            for (int m = 0; m < mt; m++) {
-                const int8_t *d = digits + m * 3 * k_total + k;
-                int32_t a4, b4, c4;
-                memcpy(&a4, d, 4);
-                memcpy(&b4, d + k_total, 4);
-                memcpy(&c4, d + 2 * k_total, 4);
-                for (int v = 0; v < 2; v++) {
-                    sa[m][v] = _mm512_dpbusd_epi32(sa[m][v], q[v], _mm512_set1_epi32(a4));
-                    sb[m][v] = _mm512_dpbusd_epi32(sb[m][v], q[v], _mm512_set1_epi32(b4));
-                    sc[m][v] = _mm512_dpbusd_epi32(sc[m][v], q[v], _mm512_set1_epi32(c4));
-                }
-            }
-        }
-        for (int v = 0; v < 2; v++) {
-            __m512i pair = _mm512_loadu_si512((const void *)(sz + g * n_total + offset[v]));
-            __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-            __m512 z8 = _mm512_fmadd_ps(s, _mm512_set1_ps(-8.0f), _mm512_castsi512_ps(_mm512_and_si512(pair, high_half)));
-            for (int m = 0; m < mt; m++) {
-                __m512 qx = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sa[m][v]), _mm512_set1_ps(65536.0f),
-                                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(sb[m][v]), _mm512_set1_ps(256.0f),
-                                                            _mm512_cvtepi32_ps(sc[m][v])));
-                out[m][v] = _mm512_fmadd_ps(s, _mm512_mul_ps(qx, _mm512_set1_ps(e[m * groups + g])),
-                                            _mm512_fmadd_ps(z8, _mm512_set1_ps(xs[m * groups + g]), out[m][v]));
-            }
-        }
-    }
-    for (int m = 0; m < mt; m++)
-        for (int v = 0; v < 2; v++) _mm512_storeu_ps(y + m * n_total + offset[v], out[m][v]);
-}
 #endif
 
 /* 1 when this build has the int4 kernel (AVX512-VNNI and VBMI); elsewhere callers keep PyTorch's kernel. */
@@ -305,25 +251,10 @@ int int4_matmul(const float *x, float *y, const uint8_t *packed, const uint32_t 
     if (status == 0) {
         to_fixed_point(x, fp, m_total, k_total);
         #pragma omp parallel for schedule(static)
-        for (int64_t b = 0; b < blocks; b++) {
-            const uint8_t *block = packed + b * k_total * 32;
-            if (m_total == 1) {
-                int4_block(fp.digits, fp.e, fp.xs, block, sz + b * ROWS, n_total, k_total, y + b * ROWS);
-                continue;
-            }
-            for (int64_t m0 = 0; m0 < m_total; m0 += INT4_MT)  /* the block stays in cache for the next rows */
-                for (int h = 0; h < 2; h++) {
-                    const int8_t *d = fp.digits + m0 * 3 * k_total;
-                    const float *e = fp.e + m0 * groups, *xs = fp.xs + m0 * groups;
-                    float *ym = y + m0 * n_total + b * ROWS;
-                    switch (m_total - m0 < INT4_MT ? (int)(m_total - m0) : INT4_MT) {
-                        case 1: int4_half(d, e, xs, 1, h, block, sz + b * ROWS, n_total, k_total, ym); break;
-                        case 2: int4_half(d, e, xs, 2, h, block, sz + b * ROWS, n_total, k_total, ym); break;
-                        case 3: int4_half(d, e, xs, 3, h, block, sz + b * ROWS, n_total, k_total, ym); break;
-                        default: int4_half(d, e, xs, 4, h, block, sz + b * ROWS, n_total, k_total, ym); break;
-                    }
-                }
-        }
+        for (int64_t b = 0; b < blocks; b++)
+            for (int64_t m = 0; m < m_total; m++)  /* the block stays in cache for the next row */
+                int4_block(fp.digits + m * 3 * k_total, fp.e + m * groups, fp.xs + m * groups,
+                           packed + b * k_total * 32, sz + b * ROWS, n_total, k_total, y + m * n_total + b * ROWS);
     }
     free(fp.digits);
     free(fp.e);
