@@ -43,28 +43,23 @@ static inline int64_t slot_of(const int64_t *table, int64_t t, int block_size, i
     return table[t >> log2_bs] * block_size + (t & (block_size - 1));
 }
 
-/* row[0:D] <- the (slot, g) vector of a cache as fp32 */
-static inline const float *load_row(const void *cache, const _Float16 *scales, int dtype, int64_t slot, int g,
-                                    int kvh, int d, float *buf) {
-    int64_t off = (slot * kvh + g) * (int64_t)d;
-    if (dtype == 0) return (const float *)cache + off;
-    if (dtype == 1) {
-        const uint16_t *src = (const uint16_t *)cache + off;
-        for (int i = 0; i < d; i++) buf[i] = bf16_to_float(src[i]);
-    } else {
-        const int8_t *src = (const int8_t *)cache + off;
-        float s = (float)scales[slot * kvh + g];
-        for (int i = 0; i < d; i++) buf[i] = s * (float)src[i];
-    }
-    return buf;
+/* Token t's (slot, g) row of one cache (and its int8 scale), after asking for token t + AHEAD's row. */
+static inline const void *token_row(const void *cache, const _Float16 *scales, int dtype, const int64_t *table,
+                                    int64_t t, int64_t n, int block_size, int log2_bs, int g, int kvh, int d,
+                                    float *scale) {
+    if (t + AHEAD < n) prefetch_row(cache, dtype, slot_of(table, t + AHEAD, block_size, log2_bs), g, kvh, d);
+    int64_t slot = slot_of(table, t, block_size, log2_bs), row = (slot * kvh + g) * (int64_t)d;
+    *scale = dtype == 2 ? (float)scales[slot * kvh + g] : 1.0f;
+    return dtype == 0 ? (const void *)((const float *)cache + row)
+         : dtype == 1 ? (const void *)((const uint16_t *)cache + row) : (const void *)((const int8_t *)cache + row);
 }
 
-/* Token t's (slot, g) row of one cache as fp32, after asking for token t + AHEAD's row. */
-static inline const float *token_row(const void *cache, const _Float16 *scales, int dtype, const int64_t *table,
-                                     int64_t t, int64_t n, int block_size, int log2_bs, int g, int kvh, int d,
-                                     float *buf) {
-    if (t + AHEAD < n) prefetch_row(cache, dtype, slot_of(table, t + AHEAD, block_size, log2_bs), g, kvh, d);
-    return load_row(cache, scales, dtype, slot_of(table, t, block_size, log2_bs), g, kvh, d, buf);
+/* Element i of a row as stored, widened to fp32 (bf16: a shift; int8: the code, its row scale applied by the
+   caller). With `dtype` a constant the loops over i vectorize with the widening inside: no row buffer. */
+static inline float row_elem(const void *row, int dtype, int i) {
+    if (dtype == 0) return ((const float *)row)[i];
+    if (dtype == 1) return bf16_to_float(((const uint16_t *)row)[i]);
+    return (float)((const int8_t *)row)[i];
 }
 
 #ifdef __AVX512F__
@@ -118,20 +113,21 @@ static inline Partial partial_at(float *m, float *l, float *acc, int64_t i, int 
    Inlined with a constant head_dim for the common sizes so the row loops unroll into registers. */
 static inline __attribute__((always_inline)) void attend(
         const float *qg, Partial *part, const void *k_cache, const void *v_cache, const _Float16 *k_scales,
-        const _Float16 *v_scales, int dtype, const int64_t *table, int64_t t0, int64_t t1, int64_t n_ctx, int g,
-        int group, int kv_heads, int block_size, int log2_bs, float scale, const int head_dim) {
+        const _Float16 *v_scales, const int dtype, const int64_t *table, int64_t t0, int64_t t1, int64_t n_ctx,
+        int g, int group, int kv_heads, int block_size, int log2_bs, float scale, const int head_dim) {
     Partial p = *part;
-    float scores[MAX_G][CHUNK], buf[MAX_D], acc[MAX_G][MAX_D], mx[MAX_G], sum[MAX_G];  /* locals: no aliasing with the cache rows */
+    float scores[MAX_G][CHUNK], acc[MAX_G][MAX_D], mx[MAX_G], sum[MAX_G];  /* locals: no aliasing with the cache */
     int64_t n = t1 - t0;
     for (int j = 0; j < group; j++) mx[j] = -INFINITY, sum[j] = 0.0f;
     for (int64_t t = 0; t < n; t++) {
-        const float *k = token_row(k_cache, k_scales, dtype, table, t0 + t, n_ctx, block_size, log2_bs, g, kv_heads,
-                                   head_dim, buf);
+        float s;
+        const void *k = token_row(k_cache, k_scales, dtype, table, t0 + t, n_ctx, block_size, log2_bs, g, kv_heads,
+                                  head_dim, &s);
         for (int j = 0; j < group; j++) {
             const float *qj = qg + (int64_t)j * head_dim;
             float dot = 0.0f;
-            for (int i = 0; i < head_dim; i++) dot += qj[i] * k[i];
-            dot *= scale;
+            for (int i = 0; i < head_dim; i++) dot += qj[i] * row_elem(k, dtype, i);
+            dot *= scale * s;
             scores[j][t] = dot;
             if (dot > mx[j]) mx[j] = dot;
         }
@@ -141,11 +137,12 @@ static inline __attribute__((always_inline)) void attend(
         memset(acc[j], 0, sizeof(float) * head_dim);
     }
     for (int64_t t = 0; t < n; t++) {
-        const float *v = token_row(v_cache, v_scales, dtype, table, t0 + t, n_ctx, block_size, log2_bs, g, kv_heads,
-                                   head_dim, buf);
+        float s;
+        const void *v = token_row(v_cache, v_scales, dtype, table, t0 + t, n_ctx, block_size, log2_bs, g, kv_heads,
+                                  head_dim, &s);
         for (int j = 0; j < group; j++) {
-            float w = scores[j][t];
-            for (int i = 0; i < head_dim; i++) acc[j][i] += w * v[i];
+            float w = scores[j][t] * s;
+            for (int i = 0; i < head_dim; i++) acc[j][i] += w * row_elem(v, dtype, i);
         }
     }
     for (int j = 0; j < group; j++) {
@@ -233,15 +230,16 @@ int paged_decode_attention(const float *q, float *out, const void *k_cache, cons
             const float *qg = q + ((int64_t)b * heads + (int64_t)g * group) * head_dim;
             const int64_t *table = block_tables + (int64_t)b * max_blocks;
             Partial part = partial_at(pm, pl, pacc, task, group, head_dim);
-            if (head_dim == 64)
-                attend(qg, &part, k_cache, v_cache, k_scales, v_scales, dtype, table, t0, t1, n, g, group, kv_heads,
-                       block_size, log2_bs, scale, 64);
-            else if (head_dim == 128)
-                attend(qg, &part, k_cache, v_cache, k_scales, v_scales, dtype, table, t0, t1, n, g, group, kv_heads,
-                       block_size, log2_bs, scale, 128);
-            else
-                attend(qg, &part, k_cache, v_cache, k_scales, v_scales, dtype, table, t0, t1, n, g, group, kv_heads,
-                       block_size, log2_bs, scale, head_dim);
+            /* constant element types and common head sizes: each loop nest compiles for its case */
+#define ATTEND(DT, HD) attend(qg, &part, k_cache, v_cache, k_scales, v_scales, DT, table, t0, t1, n, g, group, \
+                              kv_heads, block_size, log2_bs, scale, HD)
+#define ATTEND_DT(DT) do { if (head_dim == 64) ATTEND(DT, 64); else if (head_dim == 128) ATTEND(DT, 128); \
+                           else ATTEND(DT, head_dim); } while (0)
+            if (dtype == 0) ATTEND_DT(0);
+            else if (dtype == 1) ATTEND_DT(1);
+            else ATTEND_DT(2);
+#undef ATTEND_DT
+#undef ATTEND
         }
         #pragma omp parallel for collapse(2) schedule(static)
         for (int b = 0; b < batch; b++)
