@@ -176,20 +176,33 @@ static void merge(const float *pm, const float *pl, const float *pacc, int64_t f
    depends on the batch, so that a sequence's result is the same in any batch; a single sequence still keeps
    every thread busy. */
 /* Store each sequence's new K and V row (token b's rows `stride` floats apart) at its cache slot, in the cache's
-   element type (bf16: nearest-even, as PyTorch's conversion). fp32 and bf16 caches only. */
-static void store_rows(const float *rows, int64_t stride, const int64_t *slots, void *cache, int dtype, int batch,
-                       int kv_heads, int head_dim) {
+   element type: bf16 by nearest-even, as PyTorch converts; int8 as Int8KVCache.write quantizes (per KV head:
+   scale = fp16(max|x| / 127), q = round-half-even(x / max(scale, fp16 tiny)) clamped to [-127, 127]). */
+__attribute__((optimize("no-unsafe-math-optimizations")))  /* x / divisor rounded as PyTorch rounds it */
+static void store_rows(const float *rows, int64_t stride, const int64_t *slots, void *cache, _Float16 *scales,
+                       int dtype, int batch, int kv_heads, int head_dim) {
     int64_t width = (int64_t)kv_heads * head_dim;
     for (int b = 0; b < batch; b++) {
         const float *src = rows + b * stride;
         if (dtype == 0) {
             memcpy((float *)cache + slots[b] * width, src, sizeof(float) * width);
-        } else {
+        } else if (dtype == 1) {
             uint16_t *dst = (uint16_t *)cache + slots[b] * width;
             for (int64_t i = 0; i < width; i++) {
                 uint32_t bits;
                 memcpy(&bits, src + i, sizeof bits);
                 dst[i] = (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+            }
+        } else {
+            for (int g = 0; g < kv_heads; g++) {
+                const float *x = src + (int64_t)g * head_dim;
+                int8_t *dst = (int8_t *)cache + slots[b] * width + (int64_t)g * head_dim;
+                float amax = 0.0f;
+                for (int i = 0; i < head_dim; i++) amax = fmaxf(amax, fabsf(x[i]));
+                _Float16 scale = (_Float16)(amax / 127.0f);
+                float divisor = fmaxf((float)scale, 6.103515625e-05f);  /* fp16's smallest normal */
+                for (int i = 0; i < head_dim; i++) dst[i] = (int8_t)fminf(fmaxf(nearbyintf(x[i] / divisor), -127.0f), 127.0f);
+                scales[slots[b] * kv_heads + g] = scale;
             }
         }
     }
@@ -206,9 +219,8 @@ int paged_decode_attention(const float *q, float *out, const void *k_cache, cons
     int log2_bs = __builtin_ctz((unsigned)block_size);  /* block_size is a power of two (EngineConfig checks) */
     if (head_dim > MAX_D || group > MAX_G || heads % kv_heads || block_size != 1 << log2_bs) return 1;
     if (k_new != NULL) {
-        if (dtype == 2) return 1;  /* int8 rows need their scales: Int8KVCache.write stores them */
-        store_rows(k_new, k_stride, slots, (void *)k_cache, dtype, batch, kv_heads, head_dim);
-        store_rows(v_new, v_stride, slots, (void *)v_cache, dtype, batch, kv_heads, head_dim);
+        store_rows(k_new, k_stride, slots, (void *)k_cache, (_Float16 *)k_scales, dtype, batch, kv_heads, head_dim);
+        store_rows(v_new, v_stride, slots, (void *)v_cache, (_Float16 *)v_scales, dtype, batch, kv_heads, head_dim);
     }
     int64_t *first_chunk = malloc(sizeof(int64_t) * ((size_t)batch + 1));  /* chunks of sequences before b */
     if (first_chunk == NULL) return 2;

@@ -136,8 +136,8 @@ def _decode_attention(layer: int, q: torch.Tensor, cache: KVCache, meta: Attenti
     kernel = native.paged_attention() if q.device.type == "cpu" and q.dtype == torch.float32 else None
     view = cache.native_view(layer) if kernel is not None else None
     if view is not None:
-        if new_kv is not None and (view.code == 2 or not all(_rows_ok(t) for t in new_kv)):
-            cache.write(layer, meta.slot_mapping, *new_kv)  # int8 rows need their scales: the cache's own write
+        if new_kv is not None and not all(_rows_ok(t) for t in new_kv):
+            cache.write(layer, meta.slot_mapping, *new_kv)
             new_kv = None
         return _native_decode(kernel, view, q.contiguous(), meta, new_kv)
     if new_kv is not None:
@@ -151,7 +151,7 @@ def _decode_attention(layer: int, q: torch.Tensor, cache: KVCache, meta: Attenti
 
 def _native_decode(kernel, kv: NativeKV, q: torch.Tensor, meta: AttentionMetadata,
                    new_kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """The kernel stores `new_kv` (fp32 rows, fp32/bf16 cache) before attending, when given."""
+    """The kernel stores `new_kv` (fp32 rows, in the cache's element type) before attending, when given."""
     batch, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = kv.k.shape
     tables, lens = meta.decode_block_tables.contiguous(), meta.decode_context_lens.contiguous()

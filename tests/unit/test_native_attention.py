@@ -75,8 +75,8 @@ def test_an_unusable_cache_directory_falls_back_to_torch(tmp_path, monkeypatch):
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
 def test_a_decode_only_step_stores_the_new_rows_as_the_cache_would(kind, monkeypatch):
     from freehold.layers.attention import paged_attention
-    lens = torch.tensor([5, 40, 17])
-    tables = torch.stack([torch.randperm(BLOCKS)[:4] for _ in lens])
+    lens = torch.randint(1, 4 * BS + 1, (10,))
+    tables = torch.randperm(BLOCKS).view(10, 4)  # distinct blocks: every new row has its own slot
     slots = torch.stack([tables[i, (n - 1) // BS] * BS + (n - 1) % BS for i, n in enumerate(lens.tolist())])
     meta = AttentionMetadata(slots, len(lens), tables, lens, ())
     qkv = torch.randn(len(lens), H + 2 * KVH, D)  # rows as a fused projection leaves them: strided
@@ -87,9 +87,11 @@ def test_a_decode_only_step_stores_the_new_rows_as_the_cache_would(kind, monkeyp
         monkeypatch.setenv(native.ENV_SWITCH, "1" if use_native else "0")
         native.paged_attention.cache_clear()
         try:
-            results[use_native] = (paged_attention(0, q, k, v, cache, meta), cache.k.clone(), cache.v.clone())
+            out = paged_attention(0, q, k, v, cache, meta)
+            scales = (getattr(cache, "k_scale", cache.k), getattr(cache, "v_scale", cache.v))  # int8 only
+            results[use_native] = (out, [t.clone() for t in (cache.k, cache.v, *scales)])
         finally:
             native.paged_attention.cache_clear()
-    (out, k_cache, v_cache), (out_ref, k_ref, v_ref) = results[True], results[False]
-    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)  # bf16 rounding included
+    (out, stored), (out_ref, stored_ref) = results[True], results[False]
+    assert all(torch.equal(a, b) for a, b in zip(stored, stored_ref))  # bf16 rounding and int8 codes/scales included
     torch.testing.assert_close(out, out_ref, atol=2e-6, rtol=1e-5)
