@@ -5,9 +5,9 @@
        w[n, k] = (q[n, k] - 8) s[g, n] + z[g, n],      (s, z) = the bf16 pair at sz[g][n]
        y[m, n] = sum_g ( s[g, n] * sum_{k in g} q[n, k] x[m, k]  +  (z[g, n] - 8 s[g, n]) * sum_{k in g} x[m, k] )
    The inner sum runs in integers, exactly: each group of x is written in fixed point, x[k] = e * X[k] with
-   e = 2^(ceil(log2 max|x|) - 22) and |X| <= 2^22, and X as three signed base-256 digits,
+   e = 2^(floor(log2 max|x|) + 1 - 22) and |X| <= 2^22, and X as three signed base-256 digits,
        X = 65536 a + 256 b + c,     sum_k q X = 65536 sum q a + 256 sum q b + sum q c   (int32, no overflow)
-   so the only rounding of x is to 23 bits below the group's largest element (fp32 keeps 24 bits of each
+   so the only rounding of x is to 22 bits below the group's largest element (fp32 keeps 24 bits of each
    element; the error is of the order of the fp32 accumulation's own). AVX512-VNNI's vpdpbusd adds 4 code x
    digit products per 32-bit lane: a lane is one output row, and one instruction covers 16 rows x 4 k.
    vpermt2b gathers the 4 columns' bytes of a row into its lane; the low and high nibbles are rows j, j + 32.
