@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from freehold.errors import UnsupportedModelError
 from freehold.kernels import native
 from freehold.models.gguf_loader import GGUFTensor
 
@@ -50,7 +51,8 @@ class Q8Blocks:
 
 def q8_blocks_from_gguf(tensor: GGUFTensor) -> Q8Blocks:
     """Q8_0 rows (per 32 weights: fp16 d, then 32 int8) -> codes and scales, bit for bit."""
-    assert tensor.qtype is GGMLQuantizationType.Q8_0
+    if tensor.qtype is not GGMLQuantizationType.Q8_0:
+        raise UnsupportedModelError(f"{tensor.name}: {tensor.qtype.name} is not Q8_0")
     n, k = tensor.shape
     blocks = np.ascontiguousarray(tensor.data).reshape(n, k // BLOCK, 2 + BLOCK)
     scales = blocks[..., :2].copy().view(np.float16)[..., 0]
