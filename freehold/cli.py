@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--limit", type=int, default=None, help="the first N schemas of each subset")
     st.add_argument("--max-tokens", type=int, default=256)
     st.add_argument("--frequency-penalty", type=float, default=0.0, help="greedy decoding with this penalty")
+    st.add_argument("--out", type=Path, default=Path("bench-results"),
+                    help="folder for structured_SUBSET.json and .md (default: ./bench-results/)")
     _add_model_args(st)
 
     k = sub.add_parser("kv-plan", help="what fits: KV bytes/token, tokens and concurrent requests for a memory size")
@@ -65,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--memory", default="8G", help="total memory for weights + KV, e.g. 24G")
     k.add_argument("--block-size", type=int, default=16)
 
-    from bench.cli import add_bench_arguments
-    add_bench_arguments(sub.add_parser("bench", help="benchmarks (write tables to bench/results/)"))
+    from freehold.bench.cli import add_bench_arguments
+    add_bench_arguments(sub.add_parser("bench", help="benchmarks (tables to ./bench-results/ or --out DIR)"))
 
     i = sub.add_parser("inspect", help="look inside the model's decisions")
     isub = i.add_subparsers(dest="inspect_command", required=True)

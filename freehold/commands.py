@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 
 from freehold.config import EngineConfig, KVDtype
-from freehold.errors import InvalidRequestError
+from freehold.errors import FreeholdError, InvalidRequestError
 from freehold.quant.modes import WeightMode
 from freehold.types import SamplingParams
 
@@ -30,6 +31,12 @@ def load_llm(args: argparse.Namespace):
               kv_cache_memory=parse_size(args.kv_cache_memory), kv_dtype=KVDtype(args.kv_dtype))
     print(f"{llm.describe()}\nloaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return llm
+
+
+def require_extra(module: str, extra: str, purpose: str) -> None:
+    """Stop before any model loads when an optional dependency of this command is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise FreeholdError(f"{purpose} needs {module}, which is not installed: pip install 'freehold[{extra}]'")
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -90,9 +97,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def evaluate_structured(args: argparse.Namespace) -> int:
-    from bench.common import format_table
+    from freehold.bench.common import format_table, write_results
     from freehold.constrain.compiler import ConstraintCompiler
-    from freehold.eval.structured import HEADERS, Settings, evaluate_subset, load_schemas, write_report
+    from freehold.eval.structured import HEADERS, Settings, evaluate_subset, load_schemas, report_details
+    require_extra("jsonschema", "eval", "freehold eval structured (it validates each output against its schema)")
     llm = load_llm(args)
     compiler = ConstraintCompiler(llm.tokenizer, llm.loaded.config.vocab_size)
     settings = Settings(args.max_tokens, args.frequency_penalty)
@@ -101,7 +109,7 @@ def evaluate_structured(args: argparse.Namespace) -> int:
         cases = load_schemas(args.data / subset, args.limit)
         print(f"{subset}: {len(cases)} schemas", file=sys.stderr)
         report, results = evaluate_subset(llm, compiler, subset, cases, settings)
-        write_report(report, results, settings)
+        write_results(f"structured_{subset}", HEADERS, [report.row()], report_details(results, settings), args.out)
         rows.append(report.row())
     print(format_table(HEADERS, rows))
     return 0
@@ -119,12 +127,13 @@ def kv_plan(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from bench.cli import run_bench
+    from freehold.bench.cli import run_bench
     return run_bench(args)
 
 
 def inspect(args: argparse.Namespace) -> int:
     from freehold.sampling.inspect import format_table, inspect_distribution, save_chart
+    require_extra("matplotlib", "inspect", "freehold inspect sampling (it draws a chart)")
     llm = load_llm(args)
     ids = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else llm.encode_prompt(args.prompt)
     model = llm.loaded.model

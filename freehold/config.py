@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -82,10 +82,6 @@ class KVDtype(enum.Enum):
     def storage_dtype(self, activation: torch.dtype) -> torch.dtype:
         return {KVDtype.AUTO: activation, KVDtype.FP32: torch.float32, KVDtype.BF16: torch.bfloat16,
                 KVDtype.FP16: torch.float16, KVDtype.INT8: torch.int8}[self]
-
-
-class Preemption(enum.Enum):
-    RECOMPUTE = "recompute"
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from freehold.engine.engine import Engine
 from freehold.errors import InvalidRequestError
 from freehold.models.loader import LoadedModel, load_model
 from freehold.quant.modes import WeightMode
-from freehold.text_stream import TextDelta, TextStream
+from freehold.text_stream import TextStream, fold_output
 from freehold.tokenizer import Tokenizer
-from freehold.types import FinishReason, SamplingParams, TokenLogprob
+from freehold.types import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 
 Message = Mapping[str, object]
 
@@ -67,7 +67,9 @@ class LLM:
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[Generation]:
-        """Run all prompts together on the engine (continuous batching) and return them in order."""
+        """Run all prompts together on the engine (continuous batching) and return them in order. A request that
+        fails on its own input mid-way (say, its grammar leaves no token to draw) raises its InvalidRequestError,
+        and the call's other requests are aborted."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
@@ -95,6 +97,7 @@ class LLM:
             for out in self.engine.step():
                 if out.request_id != request_id:
                     continue
+                self._raise_if_failed(out, [request_id])
                 delta = self._absorb(request_id, gen, out)
                 if delta:
                     yield delta
@@ -108,9 +111,20 @@ class LLM:
 
     def _step(self, results: dict[str, Generation]) -> None:
         for out in self.engine.step():
+            self._raise_if_failed(out, list(results))
             self._absorb(out.request_id, results[out.request_id], out)
 
-    def _absorb(self, request_id: str, gen: Generation, out) -> str:
+    def _raise_if_failed(self, out: RequestOutput, request_ids: list[str]) -> None:
+        """A request that failed on its own input (e.g. its grammar left no token to draw) raises its error here,
+        after the call's other requests are aborted so the engine is left idle."""
+        if out.error is None:
+            return
+        for request_id in request_ids:
+            self.engine.abort_request(request_id)
+            self._streams.pop(request_id, None)
+        raise out.error
+
+    def _absorb(self, request_id: str, gen: Generation, out: RequestOutput) -> str:
         """Fold one step's RequestOutput into the Generation; returns completion 0's new text."""
         gen.num_cached_tokens = out.num_cached_tokens
         first_delta = ""
@@ -120,17 +134,13 @@ class LLM:
                 continue
             comp.token_ids += o.token_ids
             comp.logprobs += o.logprobs or []
-            delta = stream.push(o.token_ids)
-            if delta.stopped:
+            folded = fold_output(stream, o)
+            if folded.stopped_early:
                 self.engine.stop_sequence(request_id, o.index)
-                comp.finish_reason = FinishReason.STOP
-            elif o.finish_reason is not None:
-                tail = stream.finish()
-                delta = TextDelta(delta.text + tail.text, tail.stopped)
-                comp.finish_reason = o.finish_reason
-            comp.text += delta.text
+            comp.finish_reason = folded.finish_reason
+            comp.text += folded.text
             if o.index == 0:
-                first_delta = delta.text
+                first_delta = folded.text
         if all(c.finish_reason is not None for c in gen.completions):
             self._streams.pop(request_id, None)
         return first_delta

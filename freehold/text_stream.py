@@ -2,14 +2,16 @@
 
 A stop string may straddle tokens, so the last (longest stop - 1) characters are held back until more text
 proves they do not start a stop string. On a match the text is cut before the stop string and `stopped` is set;
-the caller then ends the request with finish_reason "stop".
+the caller then ends the request with finish_reason "stop". `fold_output` is that rule for one engine output,
+shared by the Python API (llm.py) and the server (server/serving.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from freehold.tokenizer import IncrementalDetokenizer, Tokenizer
+from freehold.types import CompletionOutput, FinishReason
 
 
 @dataclass(frozen=True)
@@ -52,3 +54,21 @@ class TextStream:
     def _first_stop(self) -> int | None:
         hits = [i for i in (self._pending.find(s) for s in self._stop) if i >= 0]
         return min(hits) if hits else None
+
+
+class FoldedOutput(NamedTuple):
+    text: str  # new text of the completion
+    finish_reason: FinishReason | None  # None: the completion goes on
+    stopped_early: bool  # a stop string ended it before the engine did: the caller must stop the engine's sequence
+
+
+def fold_output(stream: TextStream, out: CompletionOutput) -> FoldedOutput:
+    """Fold one step's tokens of one completion into its TextStream. A stop string matched anywhere, including in
+    the text flushed when the engine finishes, makes the finish reason "stop"."""
+    pushed = stream.push(out.token_ids)
+    if pushed.stopped:
+        return FoldedOutput(pushed.text, FinishReason.STOP, stopped_early=not out.finished)
+    if not out.finished:
+        return FoldedOutput(pushed.text, None, stopped_early=False)
+    tail = stream.finish()
+    return FoldedOutput(pushed.text + tail.text, FinishReason.STOP if tail.stopped else out.finish_reason, False)

@@ -5,9 +5,11 @@ import enum
 from dataclasses import dataclass, field
 
 from freehold.constrain.spec import Constraint
-from freehold.errors import InvalidRequestError
+from freehold.errors import FreeholdError, InvalidRequestError
 
 MAX_LOGPROBS = 20
+# l / r or l * r stays a finite fp32 number for any logit a model produces: r = 1e-300 (0 in fp32) made NaN
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 
 class FinishReason(enum.Enum):
@@ -48,8 +50,9 @@ class SamplingParams:
         _check(0.0 < self.top_p <= 1.0, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
         _check(self.top_k is None or self.top_k >= 1, "top_k", f"top_k must be >= 1 (or -1 for all), got {self.top_k}")
         _check(0.0 <= self.min_p <= 1.0, "min_p", f"min_p must be in [0, 1], got {self.min_p}")
-        _check(self.repetition_penalty > 0.0, "repetition_penalty",
-               f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _check(MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY, "repetition_penalty",
+               f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}], "
+               f"got {self.repetition_penalty}")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty",
                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
@@ -57,6 +60,8 @@ class SamplingParams:
         _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         _check(1 <= self.n <= 16, "n", f"n must be in [1, 16], got {self.n}")
+        _check(self.seed is None or -(2**63) <= self.seed < 2**63, "seed",
+               f"seed must be a 64-bit signed integer, got {self.seed}")
         _check(self.constraint is None or self.min_tokens == 0, "min_tokens",
                "min_tokens cannot be combined with a structured output constraint: the grammar decides where "
                "the output ends")
@@ -102,7 +107,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    error: FreeholdError | None = None  # the request failed on its own input and was ended (its last output)
 
     @property
     def finished(self) -> bool:
-        return all(o.finished for o in self.outputs)
+        return self.error is not None or all(o.finished for o in self.outputs)

@@ -40,3 +40,17 @@ def default_llm():
     from freehold.llm import LLM
     from freehold.quant.modes import WeightMode
     return LLM(progress=False, kv_cache_memory=256 << 20, weights=WeightMode.FP32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_file):
+    """The default model's tokenizer (a module may define its own `tokenizer` fixture instead)."""
+    from freehold.tokenizer import Tokenizer
+    return Tokenizer.from_model_path(default_model_file)
+
+
+@pytest.fixture(scope="module")
+def compiler(tokenizer):
+    """A fresh constraint compiler (empty cache) per test module, for the default model's vocabulary."""
+    from freehold.constrain.compiler import ConstraintCompiler
+    return ConstraintCompiler(tokenizer, 49152)

@@ -3,8 +3,13 @@
 Bitmask layout (xgrammar's): int32 [rows, ceil(V / 32)]; bit (t % 32) of word t // 32 set = token t allowed.
 
 A `GrammarState` follows a sequence's accepted output tokens: the engine feeds it each sampled token once, in
-`Engine._update`, and nothing else. Preemption by recompute keeps the output tokens (only their KV is
-recomputed), so the state needs no rollback; `num_accepted == len(output_token_ids)` holds after every step.
+`Engine._update`, and nothing else.
+
+The stop tokens are allowed only where the matcher reports the output so far complete (`is_completed()`), whatever
+the bitmask says: xgrammar 0.2.9 lets a stop token through at the start of `[a-z<|>_]+` (an empty output) while
+reporting the match incomplete, so this check keeps an output from ending where its language does not.
+
+Preemption by recompute keeps the output tokens (only their KV is recomputed), so the state needs no rollback; `num_accepted == len(output_token_ids)` holds after every step.
 """
 from __future__ import annotations
 
@@ -32,15 +37,20 @@ class GrammarState:
     def __init__(self, constraint: Constraint):
         self.constraint = constraint
         self.matcher = _xgr().GrammarMatcher(constraint.grammar)
+        self.stop_token_ids = tuple(constraint.grammar.tokenizer_info.stop_token_ids)
         self.num_accepted = 0
 
-    def accept(self, token_id: int) -> None:
-        """Advance by one sampled token. The sampler drew it under this state's bitmask, so the grammar accepts
-        it; a refusal is an engine bug."""
+    def try_accept(self, token_id: int) -> bool:
+        """Advance by one sampled token; False (state unchanged) if the grammar refuses it."""
         if not self.matcher.accept_token(token_id):
-            raise RuntimeError(f"grammar matcher refused token {token_id} after {self.num_accepted} tokens, "
-                               "although it was drawn under the grammar's bitmask")
+            return False
         self.num_accepted += 1
+        return True
+
+    def accept(self, token_id: int) -> None:
+        """Advance by one token the grammar must accept (raises RuntimeError otherwise)."""
+        if not self.try_accept(token_id):
+            raise RuntimeError(f"grammar matcher refused token {token_id} after {self.num_accepted} tokens")
 
     @property
     def terminated(self) -> bool:
@@ -67,8 +77,17 @@ class BitmaskFiller:
         bitmask = _xgr().allocate_token_bitmask(len(constrained), self.vocab_size)
         self._batch.batch_fill_next_token_bitmask([states[i].matcher for i in constrained], bitmask)
         for j, i in enumerate(constrained):
+            if not states[i].matcher.is_completed():
+                clear_token_bits(bitmask[j], states[i].stop_token_ids)
             result[i] = bitmask[j]
         return result
+
+
+def clear_token_bits(bitmask: torch.Tensor, token_ids: Sequence[int]) -> None:
+    """Forbid `token_ids` in one row's bitmask (int32 [ceil(V / 32)]), in place."""
+    for t in token_ids:
+        word = int(bitmask[t // 32]) & 0xFFFFFFFF & ~(1 << (t % 32))  # as unsigned 32 bits
+        bitmask[t // 32] = word - (1 << 32) if word >= 1 << 31 else word  # back to a signed int32
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmasks: Sequence[torch.Tensor | None]) -> torch.Tensor:

@@ -15,12 +15,13 @@ from freehold.constrain.matcher import BitmaskFiller, GrammarState
 from freehold.engine.memory import KVBudget, create_kv_cache, plan_kv
 from freehold.engine.runner import ModelRunner
 from freehold.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
-from freehold.engine.sequence import Sequence, SequenceStatus
-from freehold.errors import InvalidRequestError, PromptTooLongError
+from freehold.engine.sequence import Sequence
+from freehold.errors import FreeholdError, InvalidRequestError, PromptTooLongError
 from freehold.kv.block_pool import BlockPool
 from freehold.layers.attention import KVCache
 from freehold.models.llama import LlamaForCausalLM
-from freehold.sampling.sampler import Sampler, SamplerOutput, SamplingRow, make_generator
+from freehold.sampling.sampler import Sampler, SamplerOutput, SamplingRow
+from freehold.sampling.seeding import make_generator
 from freehold.types import CompletionOutput, FinishReason, RequestOutput, SamplingParams
 
 
@@ -67,7 +68,7 @@ class Engine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self.check_request(prompt_token_ids, params)
         seqs = [Sequence(request_id, i, list(prompt_token_ids), params, next(self._arrivals),
-                         make_generator(None if params.seed is None else params.seed + i, self.device),
+                         make_generator(params.seed, i),
                          grammar=GrammarState(params.constraint) if params.constraint is not None else None)
                 for i in range(params.n)]
         for sibling in seqs[1:]:
@@ -141,23 +142,45 @@ class Engine:
 
     def _update(self, batch: SchedulerOutput, sampling_chunks: tuple[ScheduledChunk, ...],
                 sampled: SamplerOutput) -> list[RequestOutput]:
+        """Fold a step's sampled tokens into its sequences. A row that failed on its own request's input (nothing
+        to draw, a grammar refusing the token) ends that request with the error; the other rows go on."""
         for chunk in batch.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             self._register_full_blocks(chunk.seq)
         touched: dict[str, None] = {}
-        for chunk, token, logprob in zip(sampling_chunks, sampled.token_ids, sampled.logprobs):
+        failed: dict[str, FreeholdError] = {}
+        for row, (chunk, token, logprob) in enumerate(zip(sampling_chunks, sampled.token_ids, sampled.logprobs)):
             seq = chunk.seq
-            seq.output_token_ids.append(token)
-            if seq.grammar is not None:
-                seq.grammar.accept(token)
-                assert seq.grammar.num_accepted == len(seq.output_token_ids), "grammar fed a token twice"
-            if logprob is not None:
-                seq.output_logprobs.append(logprob)
-            seq.finish_reason = self._finish_reason(seq, token)
-            if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
+            if seq.request_id in failed:
+                continue
+            error = sampled.failed.get(row) or self._append(seq, token, logprob)
+            if error is not None:
+                failed[seq.request_id] = error
             touched[seq.request_id] = None
-        return [self._collect(request_id) for request_id in touched]
+        return [self._fail(request_id, failed[request_id]) if request_id in failed else self._collect(request_id)
+                for request_id in touched]
+
+    def _append(self, seq: Sequence, token: int, logprob) -> InvalidRequestError | None:
+        """Append a sampled token (and advance the grammar); returns the request's error instead if any."""
+        if seq.grammar is not None and not seq.grammar.try_accept(token):
+            return InvalidRequestError(f"the structured-output grammar reached a state where token {token} was "
+                                       f"drawn but not accepted, after {len(seq.output_token_ids)} tokens")
+        seq.output_token_ids.append(token)
+        if logprob is not None:
+            seq.output_logprobs.append(logprob)
+        seq.finish_reason = self._finish_reason(seq, token)
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+        return None
+
+    def _fail(self, request_id: str, error: FreeholdError) -> RequestOutput:
+        """End every sequence of the request (their blocks are freed) and report `error` as its last output."""
+        seqs = self.requests.pop(request_id)
+        for seq in seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = FinishReason.ABORT
+        return RequestOutput(request_id, seqs[0].prompt_token_ids, [], seqs[0].num_cached_tokens, error=error)
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         seq.update_block_keys(self.pool.block_size)

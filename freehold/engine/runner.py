@@ -1,5 +1,7 @@
 """Model runner: packs scheduled chunks into one flat batch (`prepare_*`), runs the model, returns the logits
-of the sequences that sample this step."""
+of the sequences that sample this step. It tells the packed layers each row's kind (freehold.quant.compute):
+decode rows (a generated token's, a short prompt's, every logits row) or prompt rows (a long prompt's), so a row's
+matmul path never depends on what else is in the batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,8 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from freehold.engine.scheduler import ScheduledChunk
+from freehold.engine.sequence import Sequence
 from freehold.layers.attention import AttentionMetadata, KVCache, PrefillChunk
 from freehold.models.llama import LlamaForCausalLM
+from freehold.quant.compute import GEMM_MIN_PROMPT_TOKENS, RowKind, row_kinds
 
 
 @dataclass(frozen=True)
@@ -17,6 +21,7 @@ class ModelInput:
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
     logit_rows: torch.Tensor  # [B] rows of the flat batch whose logits are needed
+    decode_rows: torch.Tensor  # [T] bool: decode rows (freehold.quant.compute), the rest prompt rows
     sampling_chunks: tuple[ScheduledChunk, ...]  # the B chunks, in logit_rows order
 
 
@@ -31,17 +36,20 @@ class ModelRunner:
     def forward(self, chunks: tuple[ScheduledChunk, ...]) -> tuple[torch.Tensor, tuple[ScheduledChunk, ...]]:
         """-> fp32 logits [B, V] for the chunks that complete their sequence, and those chunks."""
         inp = self.prepare_input(chunks)
-        hidden = self.model(inp.input_ids, inp.positions, self.cache, inp.meta)
-        return self.model.compute_logits(hidden[inp.logit_rows]), inp.sampling_chunks
+        with row_kinds(inp.decode_rows):
+            hidden = self.model(inp.input_ids, inp.positions, self.cache, inp.meta)
+        with row_kinds(RowKind.DECODE):  # every row the engine asks logits for is sampled from
+            return self.model.compute_logits(hidden[inp.logit_rows]), inp.sampling_chunks
 
     def prepare_input(self, chunks: tuple[ScheduledChunk, ...]) -> ModelInput:
         decodes = [c for c in chunks if c.num_tokens == 1]  # one query token: batched decode attention
         prefills = [c for c in chunks if c.num_tokens > 1]
-        ids, positions, slots = [], [], []
+        ids, positions, slots, decode_rows = [], [], [], []
         for c in decodes + prefills:
             ids += c.seq.token_ids(c.start, c.start + c.num_tokens)
             pos = list(range(c.start, c.start + c.num_tokens))
             positions += pos
+            decode_rows += self._decode_rows(c.seq, pos)
             table = c.seq.block_table
             slots += [table[p // self.block_size] * self.block_size + p % self.block_size for p in pos]
         meta = AttentionMetadata(
@@ -55,9 +63,19 @@ class ModelRunner:
             if c.completes:
                 rows.append(row - 1)
                 sampling.append(c)
-        return ModelInput(self._tensor(ids), self._tensor(positions), meta, self._tensor(rows), tuple(sampling))
+        return ModelInput(self._tensor(ids), self._tensor(positions), meta, self._tensor(rows),
+                          torch.tensor(decode_rows, dtype=torch.bool, device=self.device), tuple(sampling))
 
     # -- private ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _decode_rows(seq: Sequence, positions: list[int]) -> list[bool]:
+        """A generated token's row, or any row of a prompt short enough (counted at first admission, so fixed for
+        the sequence) that reading each weight once per row beats dequantizing it for a GEMM."""
+        num_prompt = len(seq.prompt_token_ids)
+        if num_prompt - seq.num_cached_tokens < GEMM_MIN_PROMPT_TOKENS:
+            return [True] * len(positions)
+        return [p >= num_prompt for p in positions]
+
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 

@@ -49,9 +49,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> SchedulerOutput:
         budget, chunks, preempted = self.max_num_batched_tokens, [], []
         for seq in list(self.running):

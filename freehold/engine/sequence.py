@@ -35,13 +35,9 @@ class Sequence:
     num_preemptions: int = 0
     admitted_once: bool = False
     block_table: list[int] = field(default_factory=list)
-    block_keys: list[BlockKey] = field(default_factory=list)  # keys of full blocks of all_token_ids
+    block_keys: list[BlockKey] = field(default_factory=list)  # keys of the full blocks of prompt + output
     num_emitted: int = 0  # output tokens already reported to the caller
     grammar: GrammarState | None = None  # structured output: follows output_token_ids, one token per step
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without copying the whole sequence (called every step)."""

@@ -106,18 +106,18 @@ def evaluate_subset(llm, compiler: ConstraintCompiler, subset: str, cases: list[
     runs = [r for r in results if r.run is not None]
     constrained = _generate(llm, [(r.run.prompt, settings.params(settings.max_tokens, constraint=r.run.constraint))
                                   for r in runs])
-    for r, tokens, reason in zip(runs, constrained.tokens, constrained.reasons):
+    for r, tokens, reason, error in zip(runs, constrained.tokens, constrained.reasons, constrained.errors):
         _judge(llm, r, tokens, reason)
+        r.error = error or r.error
     free = _generate(llm, [(r.run.prompt, settings.params(max(r.num_tokens, 1), ignore_eos=True)) for r in runs])
     return _report(subset, results, constrained.ms_per_token, free.ms_per_token), results
 
 
-def write_report(report: SubsetReport, results: list[CaseResult], settings: Settings) -> Path:
-    from bench.common import write_results
+def report_details(results: list[CaseResult], settings: Settings) -> dict:
+    """What the result file keeps beside the table row: the settings and every case's outcome and text."""
     details = [{"name": r.name, "compiled": r.compiled, "compile_ms": r.compile_ms, "finished": r.finished,
                 "valid": r.valid, "num_tokens": r.num_tokens, "error": r.error, "text": r.text} for r in results]
-    return write_results(f"structured_{report.subset}", HEADERS, [report.row()],
-                         {"settings": settings, "temperature": 0.0, "cases": details})
+    return {"settings": settings, "temperature": 0.0, "cases": details}
 
 
 # ---- private ------------------------------------------------------------------------------------------------------
@@ -141,6 +141,7 @@ def _prepare(llm, compiler: ConstraintCompiler, case: SchemaCase, max_tokens: in
 class _Generated(NamedTuple):
     tokens: list[list[int]]  # per request
     reasons: list[FinishReason]
+    errors: list[str | None]  # a request that failed on its own input (say, its grammar dead-ended): why
     ms_per_token: float  # median duration of the decode-only steps
 
 
@@ -154,6 +155,7 @@ def _generate(llm, requests: list[tuple[list[int], SamplingParams]]) -> _Generat
     seqs = [seq for request_id in ids for seq in engine.requests[request_id]]
     tokens: dict[str, list[int]] = {i: [] for i in ids}
     reasons: dict[str, FinishReason] = {}
+    errors: dict[str, str] = {}
     decode_steps: list[float] = []
     while engine.has_unfinished():
         computed = sum(seq.num_computed_tokens for seq in seqs)
@@ -164,15 +166,18 @@ def _generate(llm, requests: list[tuple[list[int], SamplingParams]]) -> _Generat
         if sum(seq.num_computed_tokens for seq in seqs) - computed == sum(len(o.token_ids) for o in new):
             decode_steps.append(seconds)  # every token the step computed was a sequence's last one: no prefill
         for out in outputs:
+            if out.error is not None:
+                reasons[out.request_id], errors[out.request_id] = FinishReason.ABORT, f"failed: {out.error}"
+                continue
             tokens[out.request_id] += out.outputs[0].token_ids
             if out.outputs[0].finish_reason is not None:
                 reasons[out.request_id] = out.outputs[0].finish_reason
     ms = 1000 * statistics.median(decode_steps) if decode_steps else float("nan")
-    return _Generated([tokens[i] for i in ids], [reasons[i] for i in ids], ms)
+    return _Generated([tokens[i] for i in ids], [reasons[i] for i in ids], [errors.get(i) for i in ids], ms)
 
 
 def _judge(llm, result: CaseResult, tokens: list[int], reason: FinishReason) -> None:
-    import jsonschema  # a test dependency: only this evaluation needs it
+    import jsonschema  # the `eval` extra: only this evaluation needs it (commands.py checks it up front)
 
     result.num_tokens = len(tokens)
     result.text = llm.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -1,9 +1,17 @@
 """Native CPU kernels: small C files beside this module, compiled once with the system C compiler into a cache
-directory and loaded with ctypes (the call releases the GIL). Where there is no compiler, or with
-FREEHOLD_NATIVE_KERNELS=0, `paged_attention()` returns None and callers keep their torch path.
+directory and loaded with ctypes (the call releases the GIL). Where there is no compiler, with
+FREEHOLD_NATIVE_KERNELS=0, or when a built object cannot be loaded, the accessors (`paged_attention()` ...) return
+None and callers keep their torch path.
 
 The build uses -march=native and OpenMP; the shared object links libgomp by soname, so it shares the OpenMP
-runtime torch already loaded (one thread pool). The cache key covers the source, the flags and the CPU model.
+runtime torch already loaded (one thread pool). Loading a kernel leaves the process's float environment alone (no
+flush-to-zero: see EXTRA_FLAGS).
+
+The cache key covers the source, the flags, the compiler and the exact target it compiles for on this machine:
+the macros the compiler predefines under these flags (its version and one per instruction-set extension that
+-march=native turns on) and the CPU's feature list. A cache directory shared between machines therefore never
+hands one machine an object built for instructions it lacks (a SIGILL cannot be caught in-process, so the key is
+exact rather than the object probed).
 """
 from __future__ import annotations
 
@@ -11,7 +19,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -20,9 +27,12 @@ from pathlib import Path
 
 SOURCE_DIR = Path(__file__).parent
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-# Attention's exp/max loops vectorize only with reassociation; the matmuls keep IEEE order (their fixed summation
-# order is what makes a row's result independent of the batch).
-EXTRA_FLAGS = {"paged_attention": ["-funsafe-math-optimizations", "-fno-finite-math-only"]}
+# Attention's exp/max loops vectorize only with reassociation. These are the parts of -funsafe-math-optimizations
+# (the same code), not that flag itself: with it GCC links crtfastmath.o, whose constructor turns on flush-to-zero
+# and denormals-are-zero for the whole host process. The matmuls keep IEEE order (their fixed summation order is
+# what makes a row's result independent of the batch).
+EXTRA_FLAGS = {"paged_attention": ["-fno-signed-zeros", "-fno-trapping-math", "-fassociative-math",
+                                   "-freciprocal-math"]}
 ENV_SWITCH = "FREEHOLD_NATIVE_KERNELS"
 
 
@@ -32,22 +42,41 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "freehold" / "kernels"
 
 
-def _cpu_model() -> str:
+def _cpu_features() -> str:
+    """The CPU's feature list as the kernel reports it (x86 `flags`, arm64 `Features`), or "" where unreadable."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor()
-    return next((line for line in text.splitlines() if line.startswith(("model name", "flags"))), "")
+        return ""
+    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+
+
+@functools.cache
+def compile_target(compiler: str) -> str | None:
+    """What `compiler` compiles for here under FLAGS: its predefined macros (version, the resolved -march and every
+    instruction-set extension it may use) plus the CPU's feature list; None when the compiler does not run."""
+    try:
+        run = subprocess.run([compiler, *FLAGS, "-E", "-dM", "-x", "c", os.devnull], capture_output=True, text=True)
+    except OSError:
+        return None
+    if run.returncode != 0:
+        return None
+    return "\n".join(sorted(run.stdout.splitlines()) + [_cpu_features()])
 
 
 def build(name: str) -> Path | None:
-    """Compile `name`.c (once per source/flags/CPU) and return the shared object, or None without a compiler."""
+    """Compile `name`.c (once per source, flags, compiler and target) and return the shared object, or None without
+    a working compiler."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None or sys.platform != "linux":
         return None
+    compiled_for = compile_target(compiler)
+    if compiled_for is None:
+        print(f"freehold: the C compiler {compiler} does not run, using the torch path", file=sys.stderr)
+        return None
     source = SOURCE_DIR / f"{name}.c"
     flags = FLAGS + EXTRA_FLAGS.get(name, [])
-    key = hashlib.sha256("\0".join([source.read_text(), *flags, compiler, _cpu_model()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source.read_text(), *flags, compiler, compiled_for]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if target.exists():
         return target
@@ -65,20 +94,33 @@ def build(name: str) -> Path | None:
 
 
 def _library(name: str) -> ctypes.CDLL | None:
-    """The compiled `name`.c, or None (switched off, no compiler, an unusable cache directory ...)."""
+    """The compiled `name`.c, or None (switched off, no compiler, an unusable cache directory or object ...)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     try:
         path = build(name)
         return ctypes.CDLL(str(path)) if path is not None else None
-    except OSError as exc:  # an unwritable cache directory, a compiler that cannot run ...
+    except OSError as exc:  # an unwritable cache directory, a compiler that cannot run, an object that cannot load
         print(f"freehold: native kernel {name} unavailable ({exc}), using the torch path", file=sys.stderr)
         return None
 
 
-def _function(library: ctypes.CDLL | None, symbol: str, argtypes: list):
+def _function(name: str, symbol: str, argtypes: list, supported: str | None = None):
+    """`symbol` of the compiled `name`.c, or None where the library is unavailable, lacks the symbol, or its
+    `supported` function (the build has the instructions the kernel was written for) returns 0."""
+    library = _library(name)
     if library is None:
         return None
+    try:
+        if supported is not None and not _bind(library, supported, [])():
+            return None
+        return _bind(library, symbol, argtypes)
+    except AttributeError as exc:  # an object from elsewhere, or one that does not match this source
+        print(f"freehold: native kernel {name} unusable ({exc}), using the torch path", file=sys.stderr)
+        return None
+
+
+def _bind(library: ctypes.CDLL, symbol: str, argtypes: list):
     fn = getattr(library, symbol)
     fn.argtypes, fn.restype = argtypes, ctypes.c_int
     return fn
@@ -90,7 +132,7 @@ _P, _I, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 @functools.cache
 def paged_attention():
     """The `paged_decode_attention` C function (see paged_attention.c), or None."""
-    return _function(_library("paged_attention"), "paged_decode_attention",
+    return _function("paged_attention", "paged_decode_attention",
                      [_P, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float,
                       _P, _P, _I64, _I64, _P])
 
@@ -98,31 +140,28 @@ def paged_attention():
 @functools.cache
 def int4_matmul():
     """`int4_matmul(x, y, packed, sz, M, N, K)` (see quant_matmul.c), or None (also on CPUs without AVX512-VNNI)."""
-    library = _library("quant_matmul")
-    if library is None or not _function(library, "int4_supported", [])():
-        return None
-    return _function(library, "int4_matmul", [_P, _P, _P, _P, _I64, _I64, _I64])
+    return _function("quant_matmul", "int4_matmul", [_P, _P, _P, _P, _I64, _I64, _I64], "int4_supported")
 
 
 @functools.cache
 def bf16_matmul():
-    """`bf16_matmul(x, y, w, M, N, K)` (see quant_matmul.c), or None."""
-    return _function(_library("quant_matmul"), "bf16_matmul", [_P, _P, _P, _I64, _I64, _I64])
+    """`bf16_matmul(x, y, w, M, N, K)` (see quant_matmul.c), or None (also on CPUs without AVX512F)."""
+    return _function("quant_matmul", "bf16_matmul", [_P, _P, _P, _I64, _I64, _I64], "tables_supported")
 
 
 @functools.cache
 def q8_matmul():
-    """`q8_matmul(x, y, codes, scales, M, N, K)` (see quant_matmul.c), or None."""
-    return _function(_library("quant_matmul"), "q8_matmul", [_P, _P, _P, _P, _I64, _I64, _I64])
+    """`q8_matmul(x, y, codes, scales, M, N, K)` (see quant_matmul.c), or None (also on CPUs without AVX512F)."""
+    return _function("quant_matmul", "q8_matmul", [_P, _P, _P, _P, _I64, _I64, _I64], "tables_supported")
 
 
 @functools.cache
 def add_rms_norm():
     """`add_rms_norm(x, residual, w, r, y, rows, dim, eps)` (see rms_norm.c), or None."""
-    return _function(_library("rms_norm"), "add_rms_norm", [_P, _P, _P, _P, _P, _I64, _I64, ctypes.c_float])
+    return _function("rms_norm", "add_rms_norm", [_P, _P, _P, _P, _P, _I64, _I64, ctypes.c_float])
 
 
 @functools.cache
 def rope():
     """`rope(x, y, cos, sin, tokens, heads, head_dim, stride)` (see rope.c), or None."""
-    return _function(_library("rope"), "rope", [_P, _P, _P, _P, _I64, _I64, _I64, _I64])
+    return _function("rope", "rope", [_P, _P, _P, _P, _I64, _I64, _I64, _I64])

@@ -1,4 +1,4 @@
-/* Products of fp32 activations with packed weights, for decode-sized batches: y[m, n] = sum_k x[m, k] w[n, k].
+/* Products of fp32 activations with packed weights, for decode rows: y[m, n] = sum_k x[m, k] w[n, k].
 
    int4, in PyTorch's CPU int4pack layout (freehold/quant/int4_unpack.py), group g = k / 32:
        packed[b][k][j], j < 32: low nibble = code of row 64 b + j, high nibble = code of row 64 b + 32 + j
@@ -17,6 +17,7 @@
 
    Q8_0 table (a GGUF's embedding / LM head as stored): w[n, k] = d[n, b] q[n, k], b = k / 32, q int8, d fp16;
    fp32 x; d q is exact in fp32, so every product is exact and the sums are fp32.
+   Both table kernels exist only in AVX512F builds (tables_supported); int4 needs AVX512-VNNI and VBMI.
 
    No output element's arithmetic depends on M or on the other rows of x: a sequence gets the same logits alone
    or in any batch. Threads (OpenMP, the libgomp torch uses) split the output rows. */
@@ -33,15 +34,9 @@
 #define AHEAD_ROWS 16  /* table rows of software prefetch distance */
 #define Q8_MT 4   /* activation rows per Q8_0 pass */
 
-static inline float bf16_to_float(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 #ifdef __AVX512F__
 #include <immintrin.h>
+#define TABLES_NATIVE 1
 
 /* acc[i] += a[2i] b[2i] + a[2i+1] b[2i+1] over bf16 pairs (exact products, fp32 sums: high pair first). */
 static inline __m512 dot_bf16(__m512 acc, __m512i a, __m512i b) {
@@ -106,28 +101,6 @@ static inline __attribute__((always_inline)) void q8_rows(
         for (int j = 0; j < nt; j++) y[m * ldy + j] = _mm512_reduce_add_ps(acc[m][j]);
 }
 
-#else  /* portable C: the same sums in the same order, one lane at a time */
-
-
-static inline void bf16_rows(const uint16_t *x, int64_t ldx, int mt, const uint16_t *w, int64_t k_total, int nt,
-                             float *y, int64_t ldy) {
-    for (int m = 0; m < mt; m++)
-        for (int j = 0; j < nt; j++) {
-            float acc = 0;
-            for (int64_t k = 0; k < k_total; k++) acc += bf16_to_float(w[j * k_total + k]) * bf16_to_float(x[m * ldx + k]);
-            y[m * ldy + j] = acc;
-        }
-}
-static inline void q8_rows(const float *x, int64_t ldx, int mt, const int8_t *q, const _Float16 *d, int64_t k_total,
-                           int nt, float *y, int64_t ldy) {
-    for (int m = 0; m < mt; m++)
-        for (int j = 0; j < nt; j++) {
-            float acc = 0;
-            for (int64_t k = 0; k < k_total; k++)
-                acc += (float)d[j * (k_total / GROUP) + k / GROUP] * (float)q[j * k_total + k] * x[m * ldx + k];
-            y[m * ldy + j] = acc;
-        }
-}
 #endif
 
 /* ---- int4 ---- */
@@ -263,8 +236,23 @@ int int4_matmul(const float *x, float *y, const uint8_t *packed, const uint32_t 
 #endif
 }
 
-/* x [M, K] bf16, w [N, K] bf16 -> y [M, N] fp32. Threads split the rows of w; each reads its rows once for all M. */
+/* 1 when this build has the bf16 and Q8_0 table kernels (AVX512F); without it they would be scalar loops several
+   times slower than PyTorch's GEMM, so they are not built and callers keep PyTorch's path. */
+int tables_supported(void) {
+#ifdef TABLES_NATIVE
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* x [M, K] bf16, w [N, K] bf16 -> y [M, N] fp32. Threads split the rows of w; each reads its rows once for all M.
+   Returns 0; 3 when this build has no AVX512F (see tables_supported). */
 int bf16_matmul(const uint16_t *x, float *y, const uint16_t *w, int64_t m_total, int64_t n_total, int64_t k_total) {
+#ifndef TABLES_NATIVE
+    (void)x, (void)y, (void)w, (void)m_total, (void)n_total, (void)k_total;
+    return 3;
+#else
     int64_t groups = (n_total + NT - 1) / NT;
     #pragma omp parallel for schedule(static)
     for (int64_t g = 0; g < groups; g++) {
@@ -290,12 +278,18 @@ int bf16_matmul(const uint16_t *x, float *y, const uint16_t *w, int64_t m_total,
         }
     }
     return 0;
+#endif
 }
 
 /* x [M, K] fp32, q [N, K] int8, d [N, K / 32] fp16 (GGUF Q8_0: w = d * q per 32-block) -> y [M, N] fp32.
-   Threads split the rows of the table; each reads its rows once for all M. Returns 1 when K % 32 != 0. */
+   Threads split the rows of the table; each reads its rows once for all M. Returns 0; 1 when K % 32 != 0; 3 when
+   this build has no AVX512F (see tables_supported). */
 int q8_matmul(const float *x, float *y, const int8_t *q, const _Float16 *d, int64_t m_total, int64_t n_total,
               int64_t k_total) {
+#ifndef TABLES_NATIVE
+    (void)x, (void)y, (void)q, (void)d, (void)m_total, (void)n_total, (void)k_total;
+    return 3;
+#else
     if (k_total % GROUP) return 1;
     int64_t groups = (n_total + NT - 1) / NT;
     #pragma omp parallel for schedule(static)
@@ -320,4 +314,5 @@ int q8_matmul(const float *x, float *y, const int8_t *q, const _Float16 *d, int6
         }
     }
     return 0;
+#endif
 }

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from freehold.kernels import native
+from freehold.kernels import checks, native
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class KVCache:
         self.block_size = block_size
         self._workspace: dict[str, torch.Tensor] = {}  # gather outputs, reused across layers and steps
         self._views: dict[int, NativeKV | None] = {}  # per layer, for the native decode kernel
+        self._checked: AttentionMetadata | None = None  # the step whose decode arguments were last checked
 
     @property
     def num_bytes(self) -> int:
@@ -139,6 +140,10 @@ def _decode_attention(layer: int, q: torch.Tensor, cache: KVCache, meta: Attenti
         if new_kv is not None and not all(_rows_ok(t) for t in new_kv):
             cache.write(layer, meta.slot_mapping, *new_kv)
             new_kv = None
+        if cache._checked is not meta:  # every layer of a step has the same shapes and indices: checked once
+            checks.paged_decode_step(view, q.contiguous(), new_kv, meta.decode_block_tables, meta.decode_context_lens,
+                                     meta.slot_mapping)
+            cache._checked = meta
         return _native_decode(kernel, view, q.contiguous(), meta, new_kv)
     if new_kv is not None:
         cache.write(layer, meta.slot_mapping, *new_kv)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from freehold.kernels import native
+from freehold.kernels import checks, native
 
 
 class RMSNorm(nn.Module):
@@ -30,6 +30,7 @@ class RMSNorm(nn.Module):
         kernel = native.add_rms_norm() if _native_ok(x, residual, weight) else None
         if kernel is not None:
             x = x.contiguous()
+            checks.rms_norm_operands(x, weight)
             y = torch.empty_like(x)
             total = torch.empty_like(x) if store_sum else None
             kernel(x.data_ptr(), residual.data_ptr() if residual is not None else None, weight.data_ptr(),

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from freehold.config import RopeScaling
-from freehold.kernels import native
+from freehold.kernels import checks, native
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
@@ -68,6 +68,7 @@ class RopeTables:
         """x: [T, heads, D] -> [T, heads, D] in x's dtype (computed in fp32), a new tensor."""
         kernel = native.rope() if x.device.type == "cpu" and x.dtype == torch.float32 else None
         if kernel is not None and x.stride(2) == 1 and x.stride(1) == x.shape[2]:  # heads contiguous in a token
+            checks.rope_operands(x, self.cos)
             t, heads, d = x.shape
             y = torch.empty(t, heads, d)
             kernel(x.data_ptr(), y.data_ptr(), self.cos.data_ptr(), self.sin.data_ptr(), t, heads, d, x.stride(0))

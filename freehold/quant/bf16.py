@@ -2,9 +2,9 @@
 
 Q8_0 stores w = d * q per 32-block (d fp16, q int8). Re-quantizing that to per-row int8 (the kernels' layout)
 re-rounds every block but the row's largest and cost +0.17% perplexity on the default model's tied
-embedding / LM head; bf16 keeps every value to a relative 2^-9 (-0.015%, i.e. within noise of fp32) at twice
-int8's bytes. Lookups read bf16 rows; the head is one bf16 GEMM (native on AVX512-BF16/AMX CPUs and on GPUs)
-with the activations rounded to bf16 as the int kernels do. Outputs come back in the caller's dtype.
+embedding / LM head; bf16 keeps every value to a relative 2^-8 (-0.015%, i.e. within noise of fp32) at twice
+int8's bytes. Lookups read bf16 rows; the head multiplies bf16 activations by the table (Freehold's kernel for
+decode rows, one bf16 GEMM for prompt rows: see `Bf16Linear`). Outputs come back in the caller's dtype.
 """
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from freehold.kernels import native
-from freehold.quant.compute import COMPUTE_DTYPE
-
-NATIVE_MAX_TOKENS = 256  # at 64 rows the kernel and PyTorch's GEMM take about the same time
+from freehold.kernels import checks, native
+from freehold.quant.compute import COMPUTE_DTYPE, by_row_kind
 
 
 class Bf16Embedding(nn.Module):
@@ -39,18 +37,19 @@ def native_bf16_matmul(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor | N
     if kernel is None:
         return None
     x = x.contiguous()
+    checks.bf16_operands(x, table)
     y = torch.empty(x.shape[0], table.shape[0], dtype=torch.float32)
-    kernel(x.data_ptr(), y.data_ptr(), table.data_ptr(), x.shape[0], table.shape[0], table.shape[1])
-    return y
+    status = kernel(x.data_ptr(), y.data_ptr(), table.data_ptr(), x.shape[0], table.shape[0], table.shape[1])
+    return None if status else y
 
 
 class Bf16Linear(nn.Module):
     """y = x W^T (+ b), W a bf16 [N, K] table (shared with a `Bf16Embedding` when tied).
 
-    On CPU, up to `NATIVE_MAX_TOKENS` rows (every decode step's logits) go through Freehold's kernel: it reads
-    the table once for all rows at memory speed (PyTorch's bf16 GEMM takes ~1.6x as long for one row on the
-    development machine) and a row's result does not depend on the batch. Larger calls (perplexity over whole
-    windows) use PyTorch's GEMM.
+    On CPU, decode rows (the engine's logits rows, at any batch size: freehold.quant.compute) go through
+    Freehold's kernel: it reads the table once for all rows at memory speed (PyTorch's bf16 GEMM takes ~1.6x as
+    long for one row on the development machine) and a row's result does not depend on the batch. Prompt rows
+    (perplexity over whole windows, direct model calls) use PyTorch's GEMM.
     """
 
     def __init__(self, table: torch.Tensor, bias: torch.Tensor | None = None):
@@ -61,9 +60,13 @@ class Bf16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, K] in any float dtype -> [T, N] in x's dtype; x is rounded to bf16 on every path."""
-        xb = x.to(COMPUTE_DTYPE)
-        y = native_bf16_matmul(xb, self.table) if x.shape[0] <= NATIVE_MAX_TOKENS else None
-        y = (F.linear(xb, self.table) if y is None else y).to(x.dtype)
+        table = self.table
+
+        def kernel(rows: torch.Tensor) -> torch.Tensor:
+            y = native_bf16_matmul(rows, table)
+            return F.linear(rows, table) if y is None else y
+
+        y = by_row_kind(x.to(COMPUTE_DTYPE), kernel, lambda rows: F.linear(rows, table)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:

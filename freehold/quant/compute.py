@@ -1,5 +1,10 @@
-"""How packed layers multiply on CPU: PyTorch's int kernels for decode-sized batches, and a bf16 GEMM over a
-weight dequantized for that one call for prefill-sized batches. Nothing dequantized stays resident.
+"""How packed layers multiply on CPU, chosen by the KIND of each row, never by the batch size: decode rows take
+the row-wise int kernels, prompt rows a bf16 GEMM over the weight dequantized for that one call (nothing
+dequantized stays resident). The engine's runner marks the kinds: a generated token's row, every logits row it
+samples from, and every row of a short prompt (fewer than `GEMM_MIN_PROMPT_TOKENS` tokens to compute when the
+sequence was first admitted) are decode rows; a long prompt's rows are prompt rows. Each is a property of the row
+and its own sequence, so a row computes the same bits whatever shares its step. Outside a `row_kinds` block (a
+direct model call, `freehold eval ppl`) every row is a prompt row.
 
 Measured on the development machine (AMD Zen 5, AVX512-BF16, 2 threads, torch 2.13), ms per 576x1536 matmul:
     tokens                       1      64     128    512
@@ -10,17 +15,30 @@ Measured on the development machine (AMD Zen 5, AVX512-BF16, 2 threads, torch 2.
 The int kernels need bf16 activations (with fp32 ones they are 20-40x slower), so compute is bf16 either way
 and outputs return in the caller's dtype. Decode reads each weight once per token and is bound by weight bytes:
 the kernels win. Prefill is bound by arithmetic: the bf16 GEMM wins, on CPUs that multiply bf16 natively
-(AVX512-BF16 or AMX); on others the kernels serve every batch size. fp32 never wins, so there is no fp32 path.
+(AVX512-BF16 or AMX); on others the kernels serve every row. fp32 never wins, so there is no fp32 path.
 Where Freehold's own int4 kernel runs (kernels/quant_matmul.c: CPUs with AVX512-VNNI) it replaces PyTorch's int4
-kernel below the dequantizing threshold and takes fp32 activations (no bf16 rounding on that path).
+kernel for decode rows and takes fp32 activations (no bf16 rounding on that path).
+
+Why a row's path is batch-invariant: the kernels compute each row on its own, and the bf16 GEMM's rows did not
+depend on M in tests/unit/test_quant_rows.py (this host's oneDNN). Why short prompts take the kernels: the
+default model's 120 int4 layers took ~94 ms to dequantize (2 threads, a busy machine), more than the kernels
+spend on up to ~150-190 rows (whole-model forward, kernels vs GEMM: 1 row 7 vs 118 ms, 20 rows 37 vs 131 ms,
+128 rows 210 vs 229 ms, 256 rows 409 vs 333 ms; scratch timing, `row_kinds(DECODE)` vs `row_kinds(PROMPT)`;
+per layer, 576x1536: 160 rows 0.80 vs 0.75 ms, 192x576: 192 rows 0.12 vs 0.14 ms).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import enum
 import functools
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 
 COMPUTE_DTYPE = torch.bfloat16
+GEMM_MIN_PROMPT_TOKENS = 192  # a prompt with this many tokens to compute takes the GEMM (see the timings above)
 
 
 @functools.cache
@@ -28,6 +46,52 @@ def native_bf16_gemm() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def use_dequantized(x: torch.Tensor, min_tokens: int) -> bool:
-    """Whether a CPU call on x [T, K] should dequantize W for one bf16 GEMM instead of calling the int kernel."""
-    return x.shape[0] >= min_tokens and x.device.type == "cpu" and native_bf16_gemm()
+class RowKind(enum.Enum):
+    PROMPT = "prompt"  # a long prompt's row, any row of a direct model call: the bf16 GEMM where it is native
+    DECODE = "decode"  # a generated token's, a short prompt's or a sampled logits row: the row-wise kernels
+
+
+class _Split(NamedTuple):
+    """A flat batch of both kinds: the row indices of each."""
+    decode: torch.Tensor  # [D] int64
+    prompt: torch.Tensor  # [T - D] int64
+
+
+_ROW_KINDS: contextvars.ContextVar[RowKind | _Split | None] = contextvars.ContextVar("row_kinds", default=None)
+
+
+@contextlib.contextmanager
+def row_kinds(kinds: RowKind | torch.Tensor) -> Iterator[None]:
+    """Scope one forward pass: which rows of the packed layers' inputs are decode rows. `kinds`: one kind for every
+    row of every packed call in the block, or a bool mask [T] (True: DECODE) for a flat batch of T rows, which
+    every packed call in the block must then see. Outside any block every row is a PROMPT row. Refuses nesting."""
+    if _ROW_KINDS.get() is not None:
+        raise RuntimeError("row_kinds blocks do not nest")
+    if isinstance(kinds, torch.Tensor):
+        decode, prompt = kinds.nonzero().squeeze(1), (~kinds).nonzero().squeeze(1)
+        kinds = RowKind.PROMPT if len(decode) == 0 else RowKind.DECODE if len(prompt) == 0 else _Split(decode, prompt)
+    token = _ROW_KINDS.set(kinds)
+    try:
+        yield
+    finally:
+        _ROW_KINDS.reset(token)
+
+
+def gemm_is_native(x: torch.Tensor) -> bool:
+    """Whether prompt rows of x dequantize W for one bf16 GEMM (CPU with native bf16) instead of the int kernel."""
+    return x.device.type == "cpu" and native_bf16_gemm()
+
+
+def by_row_kind(x: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Tensor],
+                gemm: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """x: [T, K] -> [T, N]: kernel(decode rows), gemm(prompt rows), in the kernel's output dtype."""
+    kinds = _ROW_KINDS.get() or RowKind.PROMPT
+    if isinstance(kinds, RowKind):
+        return kernel(x) if kinds is RowKind.DECODE else gemm(x)
+    decode, prompt = kinds
+    assert len(decode) + len(prompt) == x.shape[0], "a packed call inside row_kinds(mask) must see the flat batch"
+    y_decode = kernel(x[decode])
+    y = y_decode.new_empty(x.shape[0], y_decode.shape[1])
+    y[decode] = y_decode
+    y[prompt] = gemm(x[prompt]).to(y.dtype)
+    return y

@@ -29,7 +29,8 @@ def as_float(source: WeightSource, dtype: torch.dtype = torch.float32) -> torch.
 
 
 def pack_weight(source: WeightSource, fmt: WeightFormat, device: torch.device | str) -> PackedWeight:
-    """Step 1 for one tensor. GGUF Q4_0/Q4_1 keep their codes (lossless); anything else is quantized from floats."""
+    """Step 1 for one tensor. GGUF Q4_0/Q4_1 keep their codes (their scales are rounded to bf16: quant/int4.py);
+    anything else is quantized from floats."""
     if fmt is WeightFormat.INT4:
         if isinstance(source, GGUFTensor) and source.qtype in GGUF_INT4_TYPES:
             return pack_int4(int4_groups_from_gguf(source), device)

@@ -13,11 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from freehold.quant.compute import COMPUTE_DTYPE, use_dequantized
-
-# From this many tokens on (CPU), W is dequantized for one bf16 GEMM (see freehold.quant.compute). Measured ms
-# kernel / dequantized: 576x1536 at 64 tokens 0.32 / 0.41, at 128 0.61 / 0.50, at 512 2.56 / 1.19.
-DEQUANT_MIN_TOKENS = 128
+from freehold.quant.compute import COMPUTE_DTYPE, by_row_kind, gemm_is_native
 
 
 @dataclass(frozen=True)
@@ -49,17 +45,24 @@ def quantize_int8(weight: torch.Tensor) -> Int8Rows:
 
 
 def int8_matmul(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x: [T, K], scales in x's dtype -> [T, N] = x (scales * data)^T, by the int8 kernel or a dequantized GEMM."""
-    if x.device.type == "cpu" and not use_dequantized(x, DEQUANT_MIN_TOKENS):
-        return torch._weight_int8pack_mm(x, data, scales)
-    return F.linear(x, data.to(x.dtype) * scales[:, None])  # CUDA has no int8 weight-only kernel: gpt-fast's way
+    """x: [T, K], scales in x's dtype -> [T, N] = x (scales * data)^T: on CPU the int8 kernel for decode rows and
+    a dequantized GEMM for prompt rows (the kernel for every row without native bf16)."""
+    def dequantized(rows: torch.Tensor) -> torch.Tensor:
+        return F.linear(rows, data.to(x.dtype) * scales[:, None])  # CUDA has no int8 weight-only kernel: gpt-fast's way
+
+    def kernel(rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(rows, data, scales)
+
+    if x.device.type != "cpu":
+        return dequantized(x)
+    return by_row_kind(x, kernel, dequantized) if gemm_is_native(x) else kernel(x)
 
 
 class Int8Linear(nn.Module):
     """y = x W^T (+ b) with W held as per-channel int8 (1 byte + 6 / K bytes of scales per weight).
 
-    Decode-sized batches run PyTorch's int8 kernel (its rows do not depend on the batch size); from
-    `DEQUANT_MIN_TOKENS` tokens on the weight is dequantized to bf16 for that call only. Compute is bf16 on CPU
+    On CPU decode rows run PyTorch's int8 kernel; for prompt rows the weight is dequantized to bf16 for that call
+    only (see freehold.quant.compute: the path follows the row's kind, not the batch size). Compute is bf16 on CPU
     either way; outputs come back in the caller's dtype.
     """
 

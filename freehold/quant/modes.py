@@ -33,8 +33,8 @@ class WeightMode(enum.Enum):
     FP32 = "fp32"  # every weight float32: no quantization (the loader's original behaviour)
     BF16 = "bf16"  # every weight bfloat16: no quantization
     INT8 = "int8"  # linear layers and the embedding per-channel int8, quantized on load where needed
-    INT4 = "int4"  # linear layers group-wise int4 (lossless from Q4_0/Q4_1); embedding and LM head int8
-    #                unless the file stores the LM head in Q4_0/Q4_1 itself
+    INT4 = "int4"  # linear layers group-wise int4 (Q4_0/Q4_1 keep their codes, scales rounded to bf16); embedding
+    #                and LM head int8 unless the file stores the LM head in Q4_0/Q4_1 itself
 
     @property
     def float_dtype(self) -> torch.dtype | None:
@@ -83,7 +83,7 @@ def weight_format(name: str, source: WeightSource, mode: WeightMode, tied: bool)
         return WeightFormat.INT8
     int4 = WeightFormat.INT4 if can_int4(tuple(source.shape)) else WeightFormat.INT8
     if isinstance(source, GGUFTensor) and source.qtype in GGUF_INT4_TYPES:
-        return int4  # lossless, in AUTO and INT4 alike
+        return int4  # the file's codes, in AUTO and INT4 alike
     if mode is WeightMode.INT4:
         return WeightFormat.INT8 if name == LM_HEAD else int4  # quantizing the logits' matrix to 4 bits: no
     if not is_quantized(source):

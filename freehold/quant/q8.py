@@ -5,7 +5,9 @@ Held as int8 codes [N, K] and fp16 scales [N, K / 32]: 1.0625 bytes per weight, 
 (re-quantizing per row cost +0.17% perplexity on the default model; a bf16 copy rounds each value to 8 bits and
 takes twice the bytes). A lookup dequantizes the looked-up rows; the LM head runs Freehold's kernel
 (kernels/quant_matmul.c: fp32 activations, exact products, fp32 sums), which reads the table once per step.
-Calls with more rows than a decode step (perplexity over whole windows) dequantize to bf16 for one GEMM.
+Like every packed layer it chooses by row kind (freehold.quant.compute): the engine's logits rows are decode rows
+(the kernel, at any batch size); prompt rows (perplexity's whole windows, direct model calls) dequantize the table
+to bf16 for one GEMM.
 """
 from __future__ import annotations
 
@@ -18,11 +20,11 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from freehold.errors import UnsupportedModelError
-from freehold.kernels import native
+from freehold.kernels import checks, native
 from freehold.models.gguf_loader import GGUFTensor
+from freehold.quant.compute import by_row_kind
 
 BLOCK = 32
-NATIVE_MAX_TOKENS = 256  # a step's logits rows; larger calls (whole perplexity windows) take the bf16 GEMM
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ def native_q8_matmul(x: torch.Tensor, blocks: Q8Blocks) -> torch.Tensor | None:
     if kernel is None:
         return None
     x = x.contiguous()
+    checks.q8_operands(x, blocks.codes, blocks.scales)
     y = torch.empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
     if kernel(x.data_ptr(), y.data_ptr(), blocks.codes.data_ptr(), blocks.scales.data_ptr(), x.shape[0],
               blocks.shape[0], x.shape[1]):
@@ -101,10 +104,15 @@ class Q8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, K] in any float dtype -> [T, N] in x's dtype."""
         blocks = Q8Blocks(self.codes, self.scales)
-        y = native_q8_matmul(x.float(), blocks) if x.shape[0] <= NATIVE_MAX_TOKENS else None
-        if y is None:
-            y = F.linear(x.to(torch.bfloat16), blocks.dequantize(torch.bfloat16))
-        y = y.to(x.dtype)
+
+        def dequantized(rows: torch.Tensor) -> torch.Tensor:
+            return F.linear(rows.to(torch.bfloat16), blocks.dequantize(torch.bfloat16))
+
+        def kernel(rows: torch.Tensor) -> torch.Tensor:
+            y = native_q8_matmul(rows.float(), blocks)
+            return dequantized(rows) if y is None else y
+
+        y = by_row_kind(x, kernel, dequantized).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:

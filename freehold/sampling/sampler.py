@@ -14,6 +14,10 @@ Order of operations (vLLM's):
 
 Logprobs are log_softmax of the RAW model logits (before any of the above), as OpenAI and vLLM report them.
 
+A row whose scores after stages 1-5 leave nothing to draw (every token at -inf) or are not numbers (NaN, +inf)
+fails alone: `SamplerOutput.failed` names it with the reason, its drawn token is meaningless, and the other rows
+are drawn as if it were not there (each row's draw depends only on its own logits and uniform).
+
 Stages are tensor ops over the batch; a per-row parameter is a Python number when every row shares it, else
 a [B, 1] tensor, and a stage no row needs is skipped. Penalties touch only the (row, token) pairs seen in
 prompt and output. Stages 6-11 split the rows in three groups, each a few passes over its logits:
@@ -34,6 +38,7 @@ import torch
 from freehold.constrain.matcher import apply_token_bitmask
 from freehold.errors import InvalidRequestError
 from freehold.sampling.chunked import argmax_rows
+from freehold.sampling.seeding import SeededStream
 from freehold.sampling.draw import draw_inverse_cdf, draw_inverse_cdf_chunked
 from freehold.sampling.penalties import (Penalized, apply_allowed_mask, apply_logit_bias, apply_penalties,
                                          mask_tokens, per_key, token_keys)
@@ -49,29 +54,21 @@ class SamplingRow:
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
-    generator: torch.Generator | None = None  # None: draw from the sampler's shared generator
+    generator: SeededStream | None = None  # a seeded request's stream; None: draw from the sampler's shared generator
     allowed_token_mask: torch.Tensor | None = None  # bool [V], True = allowed; None: all allowed
     token_bitmask: torch.Tensor | None = None  # int32 [ceil(V / 32)], bit t set = t allowed (xgrammar's layout)
 
 
 class SamplerOutput(NamedTuple):
-    token_ids: list[int]
+    token_ids: list[int]  # a failed row's entry is meaningless
     logprobs: list[TokenLogprob | None]  # None for rows that did not ask for logprobs
+    failed: dict[int, InvalidRequestError]  # row -> why nothing could be drawn for it (usually empty)
 
 
-class NoAllowedTokenError(InvalidRequestError):
-    """Every token of a row is masked (its constraint mask and min_tokens leave nothing to draw)."""
-
-    def __init__(self, message: str, row: int):
-        super().__init__(message, param="min_tokens")
-        self.row = row
-
-
-def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
-    """A generator for one request (keep it for the request's lifetime); None when no seed was given."""
-    if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(seed)
+NOTHING_ALLOWED = ("no token can be generated next: the structured-output grammar, the allowed tokens and "
+                   "min_tokens exclude every token")
+NOT_FINITE = ("the next-token scores became NaN or infinite under this request's sampling parameters "
+              "(repetition_penalty, logit_bias, temperature)")
 
 
 def is_greedy(params: SamplingParams) -> bool:
@@ -112,23 +109,23 @@ class Sampler:
         raw = logits.float()
         in_place = overwrite and all(r.params.logprobs is None for r in rows)
         processed = self.process_logits(raw, rows, in_place)
+        failed = _unusable_rows(processed)
+        if failed:  # rare: give failed rows harmless scores so the batched draw stays defined
+            processed = processed.clone()
+            processed[list(failed)] = 0.0
         tokens = self._draw(processed, rows)
         token_ids = tokens.tolist()
-        return SamplerOutput(token_ids, self._logprobs(raw, tokens, rows))
+        return SamplerOutput(token_ids, self._logprobs(raw, tokens, rows), failed)
 
     def process_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
                        in_place: bool = False) -> torch.Tensor:
         """Stages 1-5 (bias, min_tokens, penalties, allowed mask, grammar bitmask) on fp32 logits [B, V];
         returns new logits (`in_place`: the penalties may write into `logits`)."""
         logits = self._apply_logit_bias(logits, rows)
-        logits, min_tokens_masked = self._apply_min_tokens(logits, rows)
+        logits = self._apply_min_tokens(logits, rows)
         logits = self._apply_penalties(logits, rows, in_place)
-        logits, allowed_masked = self._apply_allowed_masks(logits, rows)
-        bitmasks = [r.token_bitmask for r in rows]
-        logits = apply_token_bitmask(logits, bitmasks)
-        if min_tokens_masked or allowed_masked or any(m is not None for m in bitmasks):
-            _check_something_allowed(logits)
-        return logits
+        logits = self._apply_allowed_masks(logits, rows)
+        return apply_token_bitmask(logits, [r.token_bitmask for r in rows])
 
     # -- stages --------------------------------------------------------------------------------------------
 
@@ -140,13 +137,13 @@ class Sampler:
         return apply_logit_bias(logits, self._long(row_idx), self._long(tok_idx),
                                 torch.tensor(bias, dtype=torch.float32, device=logits.device))
 
-    def _apply_min_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[torch.Tensor, bool]:
+    def _apply_min_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         pairs = [(i, t) for i, r in enumerate(rows) if len(r.output_token_ids) < r.params.min_tokens
                  for t in self._stop_ids(r.params)]
         if not pairs:
-            return logits, False
+            return logits
         row_idx, tok_idx = zip(*pairs)
-        return mask_tokens(logits, self._long(row_idx), self._long(tok_idx)), True
+        return mask_tokens(logits, self._long(row_idx), self._long(tok_idx))
 
     def _stop_ids(self, params: SamplingParams) -> tuple[int, ...]:
         eos = () if params.ignore_eos else self.eos_token_ids
@@ -180,13 +177,13 @@ class Sampler:
         frequency = per_key([r.params.frequency_penalty for r in rows], needs, keys, self.vocab_size)
         return Penalized(keys, counts, (presence, frequency))
 
-    def _apply_allowed_masks(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[torch.Tensor, bool]:
+    def _apply_allowed_masks(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         masks = [r.allowed_token_mask for r in rows]
         if all(m is None for m in masks):
-            return logits, False
+            return logits
         everything = torch.ones(self.vocab_size, dtype=torch.bool, device=logits.device)
         allowed = torch.stack([everything if m is None else m.to(logits.device) for m in masks])
-        return apply_allowed_mask(logits, allowed), True
+        return apply_allowed_mask(logits, allowed)
 
     def _draw(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Stages 6-11: each group of rows (greedy, top-k / top-p, the rest) is drawn on its own logits."""
@@ -282,14 +279,14 @@ class Sampler:
         seeded = [i for i, (r, g) in enumerate(zip(rows, greedy)) if not g and r.generator is not None]
         if len(shared) == len(rows):
             return torch.rand(len(rows), device=self.device, generator=self.generator)
-        own = [torch.rand(1, device=self.device, generator=rows[i].generator) for i in seeded]
+        own = torch.tensor([rows[i].generator.uniform() for i in seeded], device=self.device)
         if len(seeded) == len(rows):
-            return torch.cat(own)
+            return own
         u = torch.zeros(len(rows), device=self.device)
         if shared:
             u[self._long(shared)] = torch.rand(len(shared), device=self.device, generator=self.generator)
         if seeded:
-            u[self._long(seeded)] = torch.cat(own)
+            u[self._long(seeded)] = own
         return u
 
     def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor,
@@ -315,13 +312,16 @@ class Sampler:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
 
-def _check_something_allowed(logits: torch.Tensor) -> None:
-    """Raise if masking left a row with every logit -inf (nothing could be drawn)."""
-    empty = torch.isneginf(logits).all(dim=-1)
-    if bool(empty.any()):
-        row = int(empty.nonzero()[0, 0])
-        raise NoAllowedTokenError(f"batch row {row}: every token is masked (the allowed-token mask, the "
-                                  "grammar and min_tokens exclude every token)", row=row)
+def _unusable_rows(logits: torch.Tensor) -> dict[int, InvalidRequestError]:
+    """Rows of processed logits [B, V] with nothing to draw, with the reason: max = -inf (every token masked),
+    NaN (amax propagates it) or +inf. One pass over the logits."""
+    peak = logits.amax(dim=-1)  # NaN if the row holds a NaN
+    bad = ~torch.isfinite(peak)
+    if not bool(bad.any()):
+        return {}
+    rows = bad.nonzero().squeeze(1).tolist()
+    reasons = torch.isneginf(peak).tolist()
+    return {row: InvalidRequestError(NOTHING_ALLOWED if reasons[row] else NOT_FINITE) for row in rows}
 
 
 def _canonical_device(device: torch.device) -> torch.device:

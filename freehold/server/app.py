@@ -1,6 +1,6 @@
 """The FastAPI application: routes, OpenAI-shaped error handling and the optional API-key check.
 
-    HTTP request -> APIKeyMiddleware -> route (parse, template, tokenize: `params`, `Serving.encode_*`)
+    HTTP request -> BodySizeLimit -> APIKeyMiddleware -> route (parse, template, tokenize: `params`, `Serving.encode_*`)
                  -> Serving.run (AsyncEngine on its own thread) -> text deltas -> JSON or SSE
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from starlette.responses import Response
 from freehold.server import chat, completions, routes
 from freehold.server.auth import APIKeyMiddleware
 from freehold.server.errors import install_error_handlers
+from freehold.server.limits import BodySizeLimit
 from freehold.server.serving import Serving
 from freehold.server.streaming import ClientDisconnected, disconnected_response
 
@@ -25,6 +26,7 @@ def create_app(serving: Serving, api_key: str | None = None) -> FastAPI:
     app.include_router(routes.router)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(BodySizeLimit, max_bytes=serving.limits.max_request_bytes)  # outermost: before any reads
     return app
 
 

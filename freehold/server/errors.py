@@ -19,8 +19,8 @@ from freehold.server.protocol import ErrorDetail, ErrorResponse
 log = logging.getLogger("freehold.server")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          503: "overloaded_error"}
+          405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_error", 503: "overloaded_error"}
 
 
 class APIError(Exception):
@@ -41,6 +41,29 @@ class QueueFullError(APIError):
         super().__init__(503, f"the server is overloaded: {num_waiting} requests are already waiting; "
                               f"retry after {retry_after_s} s", code="queue_full",
                          headers={"Retry-After": str(retry_after_s)})
+
+
+class ServerShuttingDownError(FreeholdError):
+    """The server is shutting down: a new request is refused, and one still running when the grace period ends
+    is ended with this error (503; an error event on a stream)."""
+
+    def __init__(self, message: str = "the server is shutting down; retry on another instance"):
+        super().__init__(message)
+
+
+class GrammarCompilerBusyError(APIError):
+    def __init__(self, num_compiling: int, param: str, retry_after_s: int = 1):
+        super().__init__(503, f"the grammar compiler is busy: {num_compiling} compiles are running or queued; "
+                              f"retry after {retry_after_s} s", param=param, code="grammar_compiler_busy",
+                         headers={"Retry-After": str(retry_after_s)})
+
+
+class GrammarCompileTimeoutError(APIError):
+    def __init__(self, timeout_s: float, param: str):
+        super().__init__(400, f"compiling the grammar for {param} took longer than {timeout_s:g} s "
+                              "(freehold serve --grammar-compile-timeout); simplify it. The compile goes on in the "
+                              "background and a later identical request uses its result", param=param,
+                         code="grammar_compile_timeout")
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -66,6 +89,8 @@ def freehold_error_body(exc: FreeholdError, prompt_param: str) -> tuple[int, dic
     """Status and body for a FreeholdError (also sent as an SSE event when it surfaces mid-stream)."""
     if isinstance(exc, PromptTooLongError):
         return 400, error_body(400, str(exc), prompt_param, "context_length_exceeded")
+    if isinstance(exc, ServerShuttingDownError):
+        return 503, error_body(503, str(exc), code="server_shutting_down")
     param = exc.param if isinstance(exc, InvalidRequestError) else None
     return 400, error_body(400, str(exc), param)
 

@@ -20,7 +20,11 @@ from freehold.engine.async_engine import AsyncEngine
 from freehold.errors import FreeholdError
 from freehold.models.locate import DEFAULT_MODEL_NAME
 from freehold.server.app import create_app
+from freehold.server.connections import (connections_that_fit, install_log_rate_limit, protocol_class,
+                                         raise_open_file_limit)
+from freehold.server.limits import ServerLimits
 from freehold.server.serving import Serving
+from freehold.server.shutdown import DrainingServer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -36,6 +40,24 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
     return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _grace_seconds(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else _seconds(text)
+
+
+def _non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -61,7 +83,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--weights", choices=[m.value for m in WeightMode], default="auto",
                         help="auto keeps a GGUF's own quantization (int4/int8 kernels); fp32/bf16 dequantize; "
-                             "fp32 is the batch-invariant, reference-exact choice")
+                             "fp32 is the one tested for parity with transformers (the reference)")
     parser.add_argument("--kv-cache-memory", type=parse_size, default=None,
                         help="KV cache size in bytes, e.g. 512M or 2G (default: a fraction of free memory)")
     parser.add_argument("--kv-dtype", choices=[d.value for d in KVDtype], default="auto",
@@ -75,6 +97,52 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests allowed to wait for their first token; more get 503 + Retry-After "
                              "(default: 256)")
     parser.add_argument("--no-prefix-cache", action="store_true", help="disable prefix caching")
+    _add_limit_arguments(parser.add_argument_group("limits (what one client may cost the server)"))
+
+
+def _add_limit_arguments(group: argparse._ArgumentGroup) -> None:
+    d = ServerLimits()
+    group.add_argument("--max-request-bytes", type=parse_size, default=d.max_request_bytes, metavar="SIZE",
+                       help="largest request body; a larger one gets 413 before it is read whole (default: 8M)")
+    group.add_argument("--request-read-timeout", type=_seconds, default=d.request_read_timeout_s, metavar="SECONDS",
+                       help="time a client has to send a whole request, headers and body, from connecting (or, on "
+                            "a kept-alive connection, from its first byte); then 408 and the connection closes "
+                            f"(default: {d.request_read_timeout_s:g})")
+    group.add_argument("--keep-alive-timeout", type=_seconds, default=d.keep_alive_timeout_s, metavar="SECONDS",
+                       help=f"an idle connection closes after this long between requests "
+                            f"(default: {d.keep_alive_timeout_s:g})")
+    group.add_argument("--max-connections", type=_positive_int, default=d.max_connections, metavar="N",
+                       help="open connections; beyond this new requests get 503, beyond twice this new connections "
+                            "close at once (default: %(default)s, lowered to fit the open-file limit)")
+    group.add_argument("--grammar-compile-workers", type=_positive_int, default=d.grammar_compile_workers, metavar="N",
+                       help="structured-output grammars compiled at once, on their own threads so plain requests "
+                            "never wait for them (default: %(default)s)")
+    group.add_argument("--grammar-compile-queue", type=_non_negative_int, default=d.grammar_compile_queue, metavar="N",
+                       help="compiles that may wait for a worker; more get 503 + Retry-After (default: %(default)s)")
+    group.add_argument("--grammar-compile-timeout", type=_seconds, default=d.grammar_compile_timeout_s,
+                       metavar="SECONDS", help="a request whose grammar takes longer gets 400 "
+                                               "(grammar_compile_timeout); the compile finishes in the background and "
+                                               f"is cached (default: {d.grammar_compile_timeout_s:g})")
+    group.add_argument("--grammar-cache-memory", type=parse_size, default=d.grammar_cache_bytes, metavar="SIZE",
+                       help="memory for compiled grammars kept for reuse, least recently used dropped first "
+                            "(default: 256M)")
+    group.add_argument("--shutdown-grace-seconds", type=_grace_seconds, default=d.shutdown_grace_s,
+                       metavar="SECONDS", help="on SIGTERM, stop accepting and let requests in flight finish for this "
+                                               "long; then each one left ends with 503 (a stream with an error event "
+                                               f"and [DONE]) (default: {d.shutdown_grace_s:g})")
+
+
+def server_limits(args: argparse.Namespace, open_file_limit: int) -> ServerLimits:
+    max_connections = connections_that_fit(args.max_connections, open_file_limit)
+    if max_connections < args.max_connections:
+        print(f"warning: --max-connections lowered to {max_connections} to fit the open-file limit "
+              f"({open_file_limit})", file=sys.stderr)
+    return ServerLimits(
+        max_request_bytes=args.max_request_bytes, request_read_timeout_s=args.request_read_timeout,
+        keep_alive_timeout_s=args.keep_alive_timeout, max_connections=max_connections,
+        grammar_compile_workers=args.grammar_compile_workers, grammar_compile_queue=args.grammar_compile_queue,
+        grammar_compile_timeout_s=args.grammar_compile_timeout, grammar_cache_bytes=args.grammar_cache_memory,
+        shutdown_grace_s=args.shutdown_grace_seconds)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -92,17 +160,21 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     name = args.served_model_name or _default_name(args.model)
+    limits = server_limits(args, raise_open_file_limit())
+    install_log_rate_limit()
     engine = AsyncEngine(llm.engine)
-    app = create_app(Serving(engine, llm.tokenizer, name, args.max_waiting), api_key)
+    serving = Serving(engine, llm.tokenizer, name, args.max_waiting, limits)
+    app = create_app(serving, api_key)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(llm.describe())
     print(f"serving {name!r} at http://{host}:{sock.getsockname()[1]}/v1"
           f"{' (API key required)' if api_key else ''}", flush=True)
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host} without an API key", file=sys.stderr)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, http=protocol_class(limits),
+                            timeout_keep_alive=limits.keep_alive_timeout_s)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        DrainingServer(config, serving, limits.shutdown_grace_s).run(sockets=[sock])
     finally:
         engine.shutdown()
     return 0

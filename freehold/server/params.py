@@ -5,6 +5,7 @@ the protocol knows: unsupported fields, field combinations, and the context budg
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from freehold.constrain.spec import Constraint
@@ -146,9 +147,10 @@ def _default(value: Any, default: Any) -> Any:
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     out = {}
     for key, value in (bias or {}).items():
-        if not key.strip().isdigit():
-            raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
-        out[int(key)] = value
+        digits = key.strip()  # ASCII digits only: str.isdigit() also takes '²', which int() refuses
+        if re.fullmatch(r"[0-9]{1,18}", digits) is None:
+            raise InvalidRequestError(f"logit_bias keys must be token ids, got {key[:40]!r}", param="logit_bias")
+        out[int(digits)] = value
     return out
 
 

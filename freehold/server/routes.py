@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from freehold.server.errors import APIError
+from freehold.server.errors import APIError, error_response
 from freehold.server.metrics import CONTENT_TYPE
 from freehold.server.protocol import ErrorResponse, ModelCard, ModelList
 from freehold.server.serving import Serving
@@ -30,8 +30,12 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
     return _card(serving)
 
 
-@router.get("/health", summary="200 while the server accepts requests")
-async def health() -> dict[str, str]:
+@router.get("/health", summary="200 while the engine steps; 503 when its thread died or a step is stuck",
+            response_model=None, responses={503: {"model": ErrorResponse}})
+async def health(request: Request) -> Response | dict[str, str]:
+    state = _serving(request).engine.health()
+    if not state.ok:
+        return error_response(503, f"the engine is not serving: {state.reason}", code="engine_unhealthy")
     return {"status": "ok"}
 
 

@@ -1,5 +1,6 @@
-"""The HTTP layer's side of the engine: tokenization off the event loop, admission, and each engine request turned
-into text deltas (detokenization and stop strings via `TextStream`).
+"""The HTTP layer's side of the engine: tokenization and grammar compiles off the event loop (each on its own
+threads, `freehold.server.workers`), admission, shutdown, and each engine request turned into text deltas
+(detokenization and stop strings via `TextStream`).
 
 The engine runs on its own thread (`AsyncEngine`); everything here runs on the event loop. A request whose
 consumer stops early (client gone) closes its `run` generator, which aborts the engine request and frees its KV.
@@ -8,21 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 from freehold.constrain.compiler import ConstraintCompiler
 from freehold.constrain.spec import Constraint
 from freehold.engine.async_engine import AsyncEngine
 from freehold.errors import InvalidRequestError
-from freehold.server.errors import APIError, QueueFullError
+from freehold.server.errors import APIError, QueueFullError, ServerShuttingDownError
+from freehold.server.limits import PromptLengthBound, ServerLimits
 from freehold.server.metrics import ServerMetrics
 from freehold.server.protocol import PromptTokensDetails, Usage
 from freehold.server.structured import RequestedConstraint
-from freehold.text_stream import TextStream
+from freehold.server.workers import GrammarCompiles
+from freehold.text_stream import TextStream, fold_output
 from freehold.tokenizer import Tokenizer
 from freehold.types import CompletionOutput, FinishReason, RequestOutput, SamplingParams, TokenLogprob
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -58,8 +64,11 @@ class UsageTally:
 
 
 class Serving:
-    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, max_waiting: int | None):
+    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, max_waiting: int | None,
+                 limits: ServerLimits | None = None):
         self.engine = engine
+        self.limits = limits or ServerLimits()
+        self.closing = False  # set when shutdown begins: new requests get 503
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = engine.engine.max_model_len
@@ -67,7 +76,12 @@ class Serving:
         self.num_pending = 0  # requests whose engine request has produced no token yet
         self.created = int(time.time())
         self.metrics = ServerMetrics(engine.stats, lambda: self.num_pending)
-        self.constraints = ConstraintCompiler(tokenizer, engine.engine.model_config.vocab_size)
+        compiler = ConstraintCompiler(tokenizer, engine.engine.model_config.vocab_size,
+                                      cache_bytes=self.limits.grammar_cache_bytes)
+        self.constraints = GrammarCompiles(compiler, self.limits.grammar_compile_workers,
+                                           self.limits.grammar_compile_queue, self.limits.grammar_compile_timeout_s)
+        self.prompt_bound = PromptLengthBound(tokenizer)
+        self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="freehold-tokenize")
 
     # -- before a request starts ----------------------------------------------------------------------------
     def check_model(self, model: str) -> None:
@@ -76,25 +90,29 @@ class Serving:
                            param="model", code="model_not_found")
 
     async def encode_chat(self, messages: list[dict]) -> list[int]:
+        """The chat prompt's ids; PromptTooLongError first, without tokenizing, if the rendered text cannot fit (the
+        template may trim or drop content, so the bound reads what it renders)."""
         def encode() -> list[int]:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            self.prompt_bound.check([text], self.max_model_len)
             return self.tokenizer.encode(text, add_special_tokens=False)
-        return await asyncio.to_thread(encode)
+        return await self._off_loop(encode)
 
     async def encode_prompts(self, prompts: Sequence[str | list[int]]) -> list[list[int]]:
         def encode() -> list[list[int]]:
+            for p in prompts:
+                if isinstance(p, str):
+                    self.prompt_bound.check([p], self.max_model_len)
             return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        return await asyncio.to_thread(encode)
+        return await self._off_loop(encode)
 
     async def compile_constraint(self, requested: RequestedConstraint | None) -> Constraint | None:
-        """Compile a structured-output constraint off the event loop (a large schema can take seconds, and the
-        engine thread never waits for it); cached specs return at once."""
+        """Compile a structured-output constraint on the compile pool (a large schema can take seconds, and neither
+        the engine thread nor plain requests wait for it); cached specs return at once."""
         if requested is None:
             return None
         try:
-            if self.constraints.cached(requested.spec):
-                return self.constraints.compile(requested.spec)
-            return await asyncio.to_thread(self.constraints.compile, requested.spec)
+            return await self.constraints.compile(requested.spec, requested.param)
         except InvalidRequestError as exc:
             raise InvalidRequestError(str(exc), param=requested.param) from None
 
@@ -103,9 +121,23 @@ class Serving:
         self.engine.check_request(prompt_ids, params)
 
     def admit(self, num_requests: int) -> None:
-        """Refuse new work while `max_waiting` requests are still waiting for their first token."""
+        """Refuse new work while shutting down, or while `max_waiting` requests still wait for their first token."""
+        if self.closing:
+            raise ServerShuttingDownError()
         if self.max_waiting is not None and self.num_pending + num_requests > self.max_waiting:
             raise QueueFullError(self.num_pending)
+
+    # -- shutdown -------------------------------------------------------------------------------------------
+    def stop_admitting(self) -> None:
+        """Shutdown began: new requests get 503; those admitted run on."""
+        self.closing = True
+
+    def end_all(self) -> None:
+        """The grace period is over: every request still running, or waiting for its grammar, ends with a 503
+        (an error event and [DONE] on a stream)."""
+        self.closing = True
+        self.engine.fail_all(ServerShuttingDownError("the server shut down before this request finished"))
+        self.constraints.close()
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -147,6 +179,9 @@ class Serving:
         return choices
 
     # -- private --------------------------------------------------------------------------------------------
+    async def _off_loop(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn)
+
     def _on_first_output(self, progress: _Progress, out: RequestOutput) -> None:
         progress.first_token_at = time.perf_counter()
         self.num_pending -= 1
@@ -156,16 +191,9 @@ class Serving:
     def _absorb(self, progress: _Progress, out: CompletionOutput) -> ChoiceDelta:
         """Detokenize one completion's new tokens; a stop string ends that completion in the engine too."""
         self._record_tokens(progress, out)
-        stream = progress.streams[out.index]
-        pushed = stream.push(out.token_ids)
-        text, reason = pushed.text, None
-        if pushed.stopped:
+        text, reason, stopped_early = fold_output(progress.streams[out.index], out)
+        if stopped_early:
             self.engine.stop_sequence(progress.request_id, out.index)
-            reason = FinishReason.STOP
-        elif out.finish_reason is not None:
-            tail = stream.finish()
-            text += tail.text
-            reason = FinishReason.STOP if tail.stopped else out.finish_reason
         if reason is not None:
             progress.finished[out.index] = reason
         return ChoiceDelta(progress.index_offset + out.index, text, list(out.logprobs or []), reason)

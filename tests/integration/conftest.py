@@ -6,6 +6,7 @@ one sequence at a time and a waiting limit of one, for the auth and overload tes
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -61,7 +62,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*args: str, api_key: str | None = None) -> ServerProcess:
+def start_server(*args: str, api_key: str | None = None, open_files_soft_limit: int | None = None) -> ServerProcess:
+    """`open_files_soft_limit` starts the process with that soft RLIMIT_NOFILE (the hard limit unchanged)."""
     port = free_port()
     log_path = Path(tempfile.mkstemp(prefix="freehold-server-", suffix=".log")[1])
     cmd = [sys.executable, "-m", "freehold.server.main", "--port", str(port), *args]
@@ -69,16 +71,24 @@ def start_server(*args: str, api_key: str | None = None) -> ServerProcess:
     if api_key:
         cmd += ["--api-key", api_key]
     with log_path.open("wb") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   preexec_fn=_soft_open_files(open_files_soft_limit))
     server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path, api_key)
     _wait_healthy(server)
     return server
 
 
+def _soft_open_files(limit: int | None):
+    if limit is None:
+        return None
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+
 def stop_server(server: ServerProcess) -> None:
-    server.process.terminate()
+    server.process.terminate()  # requests still running get the shutdown grace period (default 20 s), then a 503
     try:
-        server.process.wait(timeout=15)
+        server.process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         server.process.kill()
         server.process.wait(timeout=5)

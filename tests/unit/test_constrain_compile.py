@@ -1,5 +1,5 @@
-"""Constraint specs and their compilation with the default model's tokenizer: the LRU cache, errors that name what
-is unsupported, choice escaping, special and stop tokens in the bitmask, and the JSON Schema support rules."""
+"""Constraint specs and their compilation with the default model's tokenizer: errors that name what is unsupported,
+choice escaping, special and stop tokens in the bitmask, and the JSON Schema support rules."""
 import json
 
 import pytest
@@ -14,16 +14,6 @@ from freehold.errors import InvalidRequestError
 from freehold.tokenizer import Tokenizer
 
 VOCAB = 49152  # SmolLM2's
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_file):
-    return Tokenizer.from_model_path(default_model_file)
-
-
-@pytest.fixture(scope="module")
-def compiler(tokenizer):
-    return ConstraintCompiler(tokenizer, VOCAB)
 
 
 def allowed(state: GrammarState) -> torch.Tensor:
@@ -61,18 +51,7 @@ def test_specs_reject_lone_surrogates_and_empty_choices():
 
 
 # -- compiler --------------------------------------------------------------------------------------------------------
-def test_cache_hits_by_spec_and_evicts_least_recently_used(tokenizer):
-    small = ConstraintCompiler(tokenizer, VOCAB, cache_size=2)
-    a, b, c = Regex("a"), Regex("b"), Regex("c")
-    first = small.compile(a)
-    assert small.compile(Regex("a")) is first and small.num_compiled == 1
-    small.compile(b)
-    small.compile(a)  # a is now the most recent
-    small.compile(c)  # evicts b
-    assert small.cached(a) and small.cached(c) and not small.cached(b)
-    assert small.num_compiled == 3
-
-
+# the cache (bounded by bytes) is tested in test_constrain_limits.py
 @pytest.mark.parametrize("spec,words", [
     (Regex("(abc"), "regex"),
     (Regex("(?=a)b"), "Lookahead"),

@@ -70,7 +70,7 @@ def test_bitmask_rows_draw_only_allowed_tokens_and_other_rows_are_untouched():
     digits[16:26] = True  # "0".."9" are chr(48..57) = tokens 16..25
     params = SamplingParams(temperature=1.0, logprobs=2)
     for seed in range(20):
-        rows = [SamplingRow(params, [1], [], make_generator(seed * 4 + i, "cpu"), token_bitmask=m)
+        rows = [SamplingRow(params, [1], [], make_generator(seed * 4 + i), token_bitmask=m)
                 for i, m in enumerate(masks)]
         processed = sampler.process_logits(logits, rows)
         assert torch.equal(processed[1], logits[1]) and torch.equal(processed[3], logits[3])

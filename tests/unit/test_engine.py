@@ -127,12 +127,12 @@ def test_cached_blocks_never_hold_stale_kv():
         parent = None
         for b in range(len(full) // 16):
             parent = block_key(parent, full[b * 16:(b + 1) * 16])
-            prefixes[parent.hash] = full[:(b + 1) * 16]
+            prefixes[parent.digest] = full[:(b + 1) * 16]
     checked = 0
     for block, key in enumerate(engine.pool.keys):
-        if key is None or key.hash not in prefixes:
+        if key is None or key.digest not in prefixes:
             continue
-        expected = layer0_keys(model, prefixes[key.hash])[-16:]
+        expected = layer0_keys(model, prefixes[key.digest])[-16:]
         assert torch.allclose(engine.runner.cache.k[0, block], expected, atol=1e-5), f"block {block} is stale"
         checked += 1
     assert checked > 0

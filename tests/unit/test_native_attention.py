@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from freehold.kernels import native
+from freehold.kernels.checks import KernelArgumentError
 from freehold.layers.attention import AttentionMetadata, KVCache, _decode_attention
 from freehold.quant.kv_int8 import Int8KVCache
 
@@ -95,3 +96,48 @@ def test_a_decode_only_step_stores_the_new_rows_as_the_cache_would(kind, monkeyp
     (out, stored), (out_ref, stored_ref) = results[True], results[False]
     assert all(torch.equal(a, b) for a, b in zip(stored, stored_ref))  # bf16 rounding and int8 codes/scales included
     torch.testing.assert_close(out, out_ref, atol=2e-6, rtol=1e-5)
+
+
+# A decode-only step of three sequences (5, 40 and 17 tokens) that the kernel stores into and reads, and the ways
+# its indices can point outside the cache: each must be refused before the kernel reads or writes anything.
+GOOD_STEP = {"tables": [[3, 0, 0], [7, 8, 9], [11, 12, 0]], "lens": [5, 40, 17],
+             "slots": [3 * BS + 4, 9 * BS + 7, 12 * BS]}
+BAD_STEPS = {
+    "a block past the pool": ({"tables": [[3, 0, 0], [7, 8, BLOCKS], [11, 12, 0]]}, "block table holds 40"),
+    "a negative block": ({"tables": [[-1, 0, 0], [7, 8, 9], [11, 12, 0]]}, "block table holds -1"),
+    "a context longer than its table": ({"lens": [5, 3 * BS + 1, 17]}, "context length holds 49"),
+    "a slot past the cache": ({"slots": [3 * BS + 4, BLOCKS * BS, 12 * BS]}, "slot holds 640"),
+    "a negative slot": ({"slots": [-1, 9 * BS + 7, 12 * BS]}, "slot holds -1"),
+    "int32 block tables": ({"tables": torch.tensor(GOOD_STEP["tables"], dtype=torch.int32)}, "int64"),
+}
+
+
+def decode_only_step(cache, monkeypatch, **indices):
+    from freehold.layers.attention import paged_attention
+    step = {name: torch.as_tensor(value) for name, value in {**GOOD_STEP, **indices}.items()}
+    meta = AttentionMetadata(step["slots"], 3, step["tables"], step["lens"], ())
+    monkeypatch.setenv(native.ENV_SWITCH, "1")
+    native.paged_attention.cache_clear()
+    return paged_attention(0, torch.randn(3, H, D), torch.randn(3, KVH, D), torch.randn(3, KVH, D), cache, meta)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+@pytest.mark.parametrize("problem", BAD_STEPS)
+def test_indices_outside_the_cache_are_refused_before_the_kernel_runs(kind, problem, monkeypatch):
+    cache = filled(kind)
+    decode_only_step(cache, monkeypatch)  # the good step runs
+    before = cache.k.clone(), cache.v.clone()
+    bad, message = BAD_STEPS[problem]
+    with pytest.raises(KernelArgumentError, match=message):
+        decode_only_step(cache, monkeypatch, **bad)
+    assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])  # nothing was stored
+
+
+def test_a_query_of_another_shape_is_refused(monkeypatch):
+    cache = filled("fp32")
+    tables, lens = torch.tensor(GOOD_STEP["tables"]), torch.tensor(GOOD_STEP["lens"])
+    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), 3, tables, lens, ())
+    monkeypatch.setenv(native.ENV_SWITCH, "1")
+    native.paged_attention.cache_clear()
+    with pytest.raises(KernelArgumentError, match="head_dim 64"):
+        _decode_attention(0, torch.randn(3, H, 2 * D), cache, meta)

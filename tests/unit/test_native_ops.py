@@ -54,3 +54,44 @@ def test_add_rms_norm_kernel_matches_the_definition(no_native, rows):
     no_native(False)
     y_torch, _ = norm.add_and_norm(x, residual)
     torch.testing.assert_close(y, y_torch, rtol=1e-5, atol=1e-5)
+
+
+# Operands the kernels would read past: each is refused at the Python boundary with an error naming the kernel.
+def test_products_with_packed_weights_refuse_activations_of_another_width():
+    from freehold.kernels.checks import KernelArgumentError
+    from freehold.quant.bf16 import native_bf16_matmul
+    from freehold.quant.int4 import native_int4_matmul, pack_int4, quantize_int4
+    from freehold.quant.q8 import Q8Blocks, native_q8_matmul
+    torch.manual_seed(0)
+    q8 = Q8Blocks(torch.randint(-127, 128, (64, 64), dtype=torch.int8), torch.rand(64, 2).half())
+    int4 = pack_int4(quantize_int4(torch.randn(128, 64)), "cpu")
+    wide = torch.randn(2, 128)  # K = 128 against weights of K = 64: the kernel would read 2x past each row
+    calls = [(native.q8_matmul, "Q8_0", lambda: native_q8_matmul(wide, q8)),
+             (native.bf16_matmul, "bf16", lambda: native_bf16_matmul(wide.bfloat16(), torch.randn(64, 64).bfloat16())),
+             (native.int4_matmul, "int4", lambda: native_int4_matmul(wide, int4.packed, int4.scales_and_zeros, 128))]
+    checked = 0
+    for accessor, kernel, call in calls:
+        if accessor() is not None:  # where the kernel is unavailable the torch path (and its own checks) serves
+            with pytest.raises(KernelArgumentError, match=f"native {kernel} matmul kernel: x "):
+                call()
+            checked += 1
+    if "avx512f" in native._cpu_features().split() and native.rope() is not None:
+        assert checked >= 2  # the table kernels run on this CPU, so their checks did
+
+
+@pytest.mark.skipif(native.add_rms_norm() is None, reason="no C compiler")
+def test_rms_norm_kernel_refuses_a_weight_of_another_size():
+    from freehold.kernels.checks import KernelArgumentError
+    norm = RMSNorm(64, 1e-5)
+    norm.weight.data = torch.ones(32)  # the kernel would read 32 floats past it
+    with pytest.raises(KernelArgumentError, match="RMSNorm"):
+        norm.add_and_norm(torch.randn(3, 64), None)
+
+
+@pytest.mark.skipif(native.rope() is None, reason="no C compiler")
+def test_rope_kernel_refuses_tables_for_fewer_tokens():
+    from freehold.kernels.checks import KernelArgumentError
+    rotary = RotaryEmbedding(64, 4096, 10000.0)
+    tables = rotary.tables(torch.tensor([0, 1]))  # two tokens' angles ...
+    with pytest.raises(KernelArgumentError, match="RoPE"):
+        tables.apply(torch.randn(7, 4, 64))  # ... for seven tokens

@@ -12,16 +12,17 @@ from gguf.quants import quantize
 
 from freehold.models.gguf_loader import GGUFTensor
 from freehold.quant.convert import pack_weight
-from freehold.quant import int4, int8
-from freehold.quant.compute import native_bf16_gemm
+from freehold.quant.compute import RowKind, native_bf16_gemm, row_kinds
 from freehold.quant.int4 import (GROUP_SIZE, Int4Linear, int4_groups_from_gguf, kernel_scales_and_zeros, pack_int4,
                                  quantize_int4)
+from freehold.quant.int4_unpack import unpack_codes_t
 from freehold.quant.int8 import Int8Embedding, Int8Linear, quantize_int8
 from freehold.quant.modes import WeightFormat
 
 Q4_0, Q4_1, Q8_0 = GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0
 N, K = 128, 256
-TOKEN_COUNTS = (1, 5, max(int4.DEQUANT_MIN_TOKENS, int8.DEQUANT_MIN_TOKENS) + 7)  # decode- and prefill-sized
+TOKEN_COUNTS = (1, 5, 199)
+PATHS = [RowKind.DECODE, RowKind.PROMPT]  # the row-wise kernel / the dequantized bf16 GEMM (freehold.quant.compute)
 BF16_EPS = 2.0 ** -8  # relative rounding of bf16 (8 significant bits)
 
 
@@ -58,9 +59,26 @@ def test_gguf_q4_blocks_convert_to_kernel_format_without_loss(qtype):
     torch.testing.assert_close(w_kernel, t.dequantize(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("qtype", [Q4_0, Q4_1], ids=["Q4_0", "Q4_1"])
+def test_packed_int4_keeps_the_codes_and_rounds_scales_to_bf16(qtype):
+    """What "from Q4_0/Q4_1" means once packed: the codes bit for bit; (s, z) rounded to bf16, so each weight
+    moves by at most 2^-8 (8 |s| + |z|) (bf16's unit roundoff: 8 significant bits), and does move."""
+    t = gguf_tensor(qtype)
+    groups = int4_groups_from_gguf(t)
+    layer = Int4Linear(pack_int4(groups, "cpu"))
+    if layer.unpackable:
+        assert torch.equal(unpack_codes_t(layer.packed, (N, K)), groups.codes.T)
+    s, z = groups.scales, groups.mins + 8 * groups.scales  # [N, K / 32], exact in fp32
+    bound = (BF16_EPS + 1e-6) * (8 * s.abs() + z.abs())
+    err = (layer.dequantize() - t.dequantize()).abs().view(N, K // GROUP_SIZE, GROUP_SIZE)
+    assert (err <= bound[..., None]).all()
+    assert err.max() > 0
+
+
 @pytest.mark.parametrize("source", ["Q4_0", "Q4_1", "float"])
 @pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
-def test_int4_linear_matches_dequantize_then_matmul(source, num_tokens):
+@pytest.mark.parametrize("kind", PATHS)
+def test_int4_linear_matches_dequantize_then_matmul(source, num_tokens, kind):
     if source == "float":
         w = torch.randn(N, K)
         groups = quantize_int4(w)
@@ -71,7 +89,8 @@ def test_int4_linear_matches_dequantize_then_matmul(source, num_tokens):
         groups, w = int4_groups_from_gguf(t), t.dequantize()  # the GGUF weights are the truth
     layer = Int4Linear(pack_int4(groups, "cpu"))
     x = torch.randn(num_tokens, K)
-    y = layer(x)
+    with row_kinds(kind):
+        y = layer(x)
     assert y.dtype == torch.float32 and y.shape == (num_tokens, N)
     within_bf16(y, F.linear(x, w), x, w)
 
@@ -86,18 +105,24 @@ def test_int4_prefill_path_rebuilds_exactly_the_kernels_weights():
     kernel_w = torch._weight_int4pack_mm_for_cpu(eye, layer.packed, GROUP_SIZE, layer.scales_and_zeros)  # W^T
     assert torch.equal(layer.dequantize_t(torch.bfloat16), kernel_w)
     if native_bf16_gemm():  # both paths run: same weights, so only accumulation order differs
-        x = torch.randn(int4.DEQUANT_MIN_TOKENS, K)
-        big, small = layer(x), torch.cat([layer(x[i:i + 8]) for i in range(0, len(x), 8)])
-        within_bf16(big, small, x, groups.dequantize(), eps=BF16_EPS)
+        x = torch.randn(200, K)
+        with row_kinds(RowKind.PROMPT):
+            gemm = layer(x)
+        with row_kinds(RowKind.DECODE):
+            kernel = layer(x)
+        within_bf16(gemm, kernel, x, groups.dequantize(), eps=BF16_EPS)
 
 
 @pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
-def test_int4_rows_in_a_tail_block_use_the_kernel_at_any_size(num_tokens):
+@pytest.mark.parametrize("kind", PATHS)
+def test_int4_rows_in_a_tail_block_use_the_kernel_at_any_size(num_tokens, kind):
     groups = quantize_int4(torch.randn(96, K))  # 96 = 64 + a 32-row tail block, packed in another format
     layer = Int4Linear(pack_int4(groups, "cpu"))
     assert not layer.unpackable
     x = torch.randn(num_tokens, K)
-    within_bf16(layer(x), F.linear(x, groups.dequantize()), x, groups.dequantize())
+    with row_kinds(kind):
+        y = layer(x)
+    within_bf16(y, F.linear(x, groups.dequantize()), x, groups.dequantize())
 
 
 def test_int4_linear_bias_and_caller_dtype():
@@ -112,24 +137,30 @@ def test_int4_linear_bias_and_caller_dtype():
 
 
 @pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
-def test_int8_linear_from_float_matches_dequantize_then_matmul(num_tokens):
+@pytest.mark.parametrize("kind", PATHS)
+def test_int8_linear_from_float_matches_dequantize_then_matmul(num_tokens, kind):
     w = torch.randn(N, K) * torch.rand(N, 1)
     rows = quantize_int8(w)
     assert ((rows.dequantize() - w).abs() <= rows.scales[:, None] / 2 + 1e-7).all()
     layer = Int8Linear(rows)
     x = torch.randn(num_tokens, K)
-    within_bf16(layer(x), F.linear(x, rows.dequantize()), x, rows.dequantize())
+    with row_kinds(kind):
+        y = layer(x)
+    within_bf16(y, F.linear(x, rows.dequantize()), x, rows.dequantize())
 
 
 @pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
-def test_q8_0_becomes_per_channel_int8_within_half_a_step(num_tokens):
+@pytest.mark.parametrize("kind", PATHS)
+def test_q8_0_becomes_per_channel_int8_within_half_a_step(num_tokens, kind):
     t = gguf_tensor(Q8_0)
     rows = pack_weight(t, WeightFormat.INT8, "cpu")
     exact = t.dequantize()
     # one scale per row: its largest block is kept exactly, the others re-round by at most half a row step
     assert ((rows.dequantize() - exact).abs() <= rows.scales[:, None] / 2 + 1e-6).all()
     x = torch.randn(num_tokens, K)
-    within_bf16(Int8Linear(rows)(x), F.linear(x, rows.dequantize()), x, exact)
+    with row_kinds(kind):
+        y = Int8Linear(rows)(x)
+    within_bf16(y, F.linear(x, rows.dequantize()), x, exact)
 
 
 def test_int8_embedding_dequantizes_only_looked_up_rows_exactly():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from freehold.errors import InvalidRequestError
-from freehold.sampling import NoAllowedTokenError, Sampler, SamplingRow, make_generator, transform_probs
+from freehold.sampling import Sampler, SamplingRow, make_generator, transform_probs
 from freehold.sampling.penalties import per_key, token_keys
 from freehold.types import SamplingParams
 
@@ -12,7 +12,7 @@ EOS = 3
 
 
 def row(params: SamplingParams, prompt=(), output=(), mask=None) -> SamplingRow:
-    return SamplingRow(params, prompt, output, make_generator(params.seed, "cpu"), mask)
+    return SamplingRow(params, prompt, output, make_generator(params.seed), mask)
 
 
 def random_logits(batch: int, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
@@ -77,12 +77,12 @@ def test_seeded_row_is_identical_alone_and_in_a_batch(position):
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
     steps, batch = 8, 16
     logits = [random_logits(batch, seed=s) for s in range(steps)]
-    alone_gen = make_generator(1234, "cpu")
+    alone_gen = make_generator(1234)
     alone = [Sampler(VOCAB, "cpu", seed=1).sample(logits[s][position:position + 1],
                                                   [SamplingRow(params, (), (), alone_gen)]).token_ids[0]
              for s in range(steps)]
-    gens = {i: make_generator(1234 if i == position else 100 + i, "cpu") for i in range(batch) if i % 3 == 0}
-    gens[position] = make_generator(1234, "cpu")
+    gens = {i: make_generator(1234 if i == position else 100 + i) for i in range(batch) if i % 3 == 0}
+    gens[position] = make_generator(1234)
     sampler = Sampler(VOCAB, "cpu", seed=99)
     other = SamplingParams(temperature=0.8, top_k=7)
     in_batch = []
@@ -96,7 +96,7 @@ def test_different_seeds_give_different_tokens():
     logits = torch.zeros(1, VOCAB)  # uniform: two streams agreeing for 20 steps has probability 32**-20
 
     def stream(seed):
-        gen = make_generator(seed, "cpu")
+        gen = make_generator(seed)
         sampler = Sampler(VOCAB, "cpu", seed=0)
         return [sampler.sample(logits, [SamplingRow(SamplingParams(seed=seed), (), (), gen)]).token_ids[0]
                 for _ in range(20)]
@@ -106,7 +106,25 @@ def test_different_seeds_give_different_tokens():
 
 
 def test_make_generator_without_seed_is_none():
-    assert make_generator(None, "cpu") is None
+    assert make_generator(None) is None
+
+
+@pytest.mark.parametrize("a, b", [(0, 2**32), (1, 2**40 + 1), (-1, 2**32 - 1), (2**63 - 1, -(2**63))])
+def test_the_whole_64_bit_seed_counts(a, b):
+    """torch's CPU generator keeps 32 bits of a seed; a request's stream must not (seeds 0 and 2**32 differ)."""
+    def draws(seed: int, index: int = 0) -> list[float]:
+        stream = make_generator(seed, index)
+        return [stream.uniform() for _ in range(8)]
+
+    assert draws(a) == draws(a)
+    assert draws(a) != draws(b)
+    assert draws(a, 1) != draws(a + 1, 0)  # completion 1 of seed a is not completion 0 of seed a + 1
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**64, -(2**63) - 1])
+def test_seeds_beyond_64_bits_are_refused_not_wrapped(seed):
+    with pytest.raises(InvalidRequestError, match="seed"):
+        SamplingParams(seed=seed)
 
 
 # -- greedy and logprobs -------------------------------------------------------------------------------------
@@ -180,13 +198,33 @@ def test_min_tokens_blocks_eos_and_stop_ids_until_reached():
     assert sampler.sample(logits, [row(ignore)]).token_ids == [EOS]
 
 
-def test_a_row_with_nothing_allowed_raises():
+def test_a_row_with_nothing_allowed_fails_alone():
     sampler = Sampler(4, "cpu", eos_token_ids=[1], seed=0)
     only_eos = torch.tensor([False, True, False, False])
-    rows = [row(SamplingParams()), row(SamplingParams(min_tokens=2), mask=only_eos)]
-    with pytest.raises(NoAllowedTokenError) as info:
-        sampler.sample(torch.zeros(2, 4), rows)
-    assert info.value.row == 1
+    logits = torch.tensor([[0.0, 0.0, 5.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    rows = [row(SamplingParams(temperature=0)), row(SamplingParams(min_tokens=2), mask=only_eos)]
+    out = sampler.sample(logits, rows)
+    assert list(out.failed) == [1] and "exclude every token" in str(out.failed[1])
+    assert "row" not in str(out.failed[1])  # no batch positions: the message goes to that request's client
+    assert out.token_ids[0] == 2
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_a_row_with_non_finite_logits_fails_alone_and_the_others_draw_as_alone(poison):
+    logits = random_logits(6, seed=3)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, top_p=0.9, seed=5),
+              SamplingParams(temperature=1.0, seed=6)]
+    alone = [Sampler(VOCAB, "cpu", seed=0).sample(logits[i:i + 1], [row(p)]).token_ids[0]
+             for i, p in zip((0, 2, 4), params)]
+    poisoned = logits.clone()
+    poisoned[1, 3] = poison
+    poisoned[3, :] = float("-inf")
+    out = Sampler(VOCAB, "cpu", seed=0).sample(poisoned, [row(params[0]), row(SamplingParams()), row(params[1]),
+                                                          row(SamplingParams(temperature=0)), row(params[2]),
+                                                          row(SamplingParams(temperature=0))])
+    assert sorted(out.failed) == [1, 3]
+    assert "NaN or infinite" in str(out.failed[1]) and "exclude every token" in str(out.failed[3])
+    assert [out.token_ids[i] for i in (0, 2, 4)] == alone
 
 
 def test_check_params_rejects_out_of_vocab_ids():

@@ -123,12 +123,12 @@ def test_seeded_rows_draw_the_reference_token(setting, max_candidates):
     logits = torch.randn(batch, vocab, generator=gen(11)) * 3
     params = SamplingParams(seed=0, **setting)
     seeds = list(range(100, 100 + batch))
-    rows = [SamplingRow(params, (), (), make_generator(s, "cpu")) for s in seeds]
+    rows = [SamplingRow(params, (), (), make_generator(s)) for s in seeds]
     sampler = Sampler(vocab, "cpu", seed=0)
     sampler.max_candidates = max_candidates
     tokens = sampler.sample(logits, rows).token_ids
     for b, s in enumerate(seeds):
-        u = torch.rand(1, generator=make_generator(s, "cpu"))
+        u = torch.tensor([make_generator(s).uniform()])
         probs = transform_probs(logits[b], setting["temperature"], setting.get("top_k"), setting.get("top_p", 1.0),
                                 setting.get("min_p", 0.0))
         assert tokens[b] == draw_inverse_cdf(probs.unsqueeze(0), u).item()

@@ -86,7 +86,7 @@ def test_seeded_rows_match_the_distribution_too():
     logits = fixed_logits()
     params = SamplingParams(temperature=0.9, top_p=0.9, seed=0)
     n = 4000
-    rows = [SamplingRow(params, (), (), make_generator(seed, "cpu")) for seed in range(n)]
+    rows = [SamplingRow(params, (), (), make_generator(seed)) for seed in range(n)]
     tokens = Sampler(VOCAB, "cpu", seed=0).sample(logits.expand(n, VOCAB).contiguous(), rows).token_ids
     observed = torch.bincount(torch.tensor(tokens), minlength=VOCAB).double()
     probs = transform_probs(logits, 0.9, top_p=0.9)

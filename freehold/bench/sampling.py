@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bench.common import Timer, pydoc_token_ids, random_workload, write_results
+from freehold.bench.common import Timer, pydoc_token_ids, random_workload, write_results
 
 if TYPE_CHECKING:
     from freehold.types import SamplingParams
@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     headers = ["setting", "sample ms", "% of decode forward", "decode forward ms", "step ms",
                f"% of {args.batch}-token cacheless forward ({cacheless * 1000:.1f} ms)"]
     write_results("sampling", headers, rows, extra={"batch": args.batch, "context": args.context,
-                                                     "steps": args.steps, "cacheless_forward_ms": cacheless * 1000})
+                                                     "steps": args.steps, "cacheless_forward_ms": cacheless * 1000},
+                  out=args.out)
     return 0
 
 

@@ -5,10 +5,11 @@ with a prompt of 64-512 tokens cut from the pydoc topics text (a different windo
 cache does not hide prefill) and 64-256 greedy output tokens with ignore_eos. Lengths come from `--seed`.
 
 Per level it reports time to first token and inter-token latency (gaps between streamed text chunks, about one
-token each) at p50/p99, output tokens/s and total time; prints a table and writes JSON (bench/results/serve.json).
+token each) at p50/p99, output tokens/s and total time; prints a table and writes JSON (`--out`/serve.json,
+default ./bench-results/serve.json).
 
-    python bench/serve.py --quick                       # starts its own server on a free port
-    python bench/serve.py --url http://127.0.0.1:8000   # against a running server (default model's tokenizer)
+    freehold bench serve --quick                       # starts its own server on a free port
+    freehold bench serve --url http://127.0.0.1:8000   # against a running server (default model's tokenizer)
 """
 from __future__ import annotations
 
@@ -21,11 +22,9 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import httpx
 
-RESULTS_PATH = Path(__file__).resolve().parent / "results" / "serve.json"
 QUICK = {"num_requests": 8, "concurrency": [1, 4], "input_len": (32, 64), "output_len": (16, 32)}
 
 
@@ -68,7 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"small run: {QUICK['num_requests']} requests at {QUICK['concurrency']}, "
                              f"inputs {QUICK['input_len']}, outputs {QUICK['output_len']}")
-    parser.add_argument("--output", type=Path, default=RESULTS_PATH, help=f"JSON results (default: {RESULTS_PATH})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,12 +79,12 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             _stop_server(server[1])
     _print_table(reports)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     payload = {"url": url, "model": model, "num_requests": num_requests, "input_len": input_len,
                "output_len": output_len, "seed": args.seed, "quick": args.quick,
                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "levels": [asdict(r) for r in reports]}
-    args.output.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    (args.out / "serve.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.out / 'serve.json'}")
     return 1 if any(r.num_failed for r in reports) else 0
 
 
@@ -256,13 +254,3 @@ def _stop_server(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="freehold bench serve", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

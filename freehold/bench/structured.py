@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from bench.common import write_results
+from freehold.bench.common import write_results
 
 SCHEMA = {
     "type": "object",
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                      1000.0 * fill_s / max(constrained.num_steps, 1)])
     write_results("structured", ["batch", "decoded tokens", "free tok/s", "constrained tok/s", "ratio",
                                  "cost %", "fill ms/step"], rows,
-                  {"schema": SCHEMA, "max_tokens": args.max_tokens, "weights": args.weights})
+                  {"schema": SCHEMA, "max_tokens": args.max_tokens, "weights": args.weights}, args.out)
     return 0
 
 
@@ -101,6 +101,8 @@ def _decode(llm, prompts: list[list[int]], lengths: list[int], constraint) -> _D
         outputs = engine.step()
         dt = time.perf_counter() - t0
         for out in outputs:
+            if out.error is not None:  # the bench's own grammars never dead-end: say so loudly if one does
+                raise RuntimeError(f"{out.request_id} failed: {out.error}")
             tokens[out.request_id] += out.outputs[0].token_ids
         if decoding:
             seconds += dt

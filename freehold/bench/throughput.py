@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.common import Timer, pydoc_token_ids, random_workload, write_results
+from freehold.bench.common import Timer, pydoc_token_ids, random_workload, write_results
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,5 +96,5 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         row.append(batched / row[4])
     write_results("throughput", ["system", "requests", "output tokens", "seconds", "output tok/s", "batched x"],
-                  rows, {"workload": vars(args) | {"func": None}})
+                  rows, {"workload": vars(args) | {"func": None, "out": str(args.out)}}, args.out)
     return 0

@@ -1,10 +1,12 @@
-"""`freehold bench NAME`: each benchmark is a module in bench/ with `add_arguments(parser)` and `run(args)`.
-Heavy imports (transformers, the model) happen inside `run`."""
+"""`freehold bench NAME`: each benchmark is a module in freehold/bench/ with `add_arguments(parser)` and `run(args)`.
+Heavy imports (transformers, the model) happen inside `run`. Results go to `--out` (default ./bench-results/)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from bench import generate, prefix, quant, sampling, serve, structured, throughput
+from freehold.bench import generate, prefix, quant, sampling, serve, structured, throughput
+from freehold.bench.common import DEFAULT_RESULTS_DIR
 
 BENCHMARKS = {
     "generate": (generate, "single-stream prefill/decode tokens/s vs transformers"),
@@ -20,7 +22,10 @@ BENCHMARKS = {
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_command", required=True)
     for name, (module, help_text) in BENCHMARKS.items():
-        module.add_arguments(sub.add_parser(name, help=help_text))
+        parser = sub.add_parser(name, help=help_text)
+        module.add_arguments(parser)
+        parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS_DIR,
+                            help=f"folder for NAME.json and NAME.md (default: ./{DEFAULT_RESULTS_DIR}/)")
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from bench.common import Timer, pydoc_token_ids, write_results
+from freehold.bench.common import Timer, pydoc_token_ids, write_results
 
 QUESTIONS = ["What is a decorator?", "How do I open a file?", "Explain list comprehensions.",
              "What does the with statement do?", "What is a generator?", "How are exceptions raised?",
@@ -48,5 +48,5 @@ def run(args: argparse.Namespace) -> int:
     rows = [["cold (empty cache)", len(prompts[0]), 0, c * 1000, 1.0],
             ["warm (system prompt cached)", computed // len(warm), reused // len(warm), w * 1000, c / w]]
     write_results("prefix", ["case", "prompt tokens computed", "prompt tokens reused", "median TTFT ms",
-                             "speed-up x"], rows)
+                             "speed-up x"], rows, out=args.out)
     return 0

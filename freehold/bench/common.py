@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).parent / "results"
+DEFAULT_RESULTS_DIR = Path("bench-results")  # relative: under the current directory, never the install
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:
@@ -28,11 +28,10 @@ def _fmt(v) -> str:
 
 
 def write_results(name: str, headers: list[str], rows: list[list], extra: dict | None = None,
-                  out: Path | None = None) -> Path:
-    """Print the table and write bench/results/<name>.json (+ .md with the same table)."""
+                  out: Path = DEFAULT_RESULTS_DIR) -> Path:
+    """Print the table and write out/<name>.json (+ .md with the same table); returns the JSON's path."""
     table = format_table(headers, rows)
     print(table)
-    out = out or RESULTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import Timer, pydoc_token_ids, write_results
-from bench.generate import freehold_timings, llama_cpp_model, llama_cpp_timings
+from freehold.bench.common import Timer, pydoc_token_ids, write_results
+from freehold.bench.generate import freehold_timings, llama_cpp_model, llama_cpp_timings
 
 CONFIGS = (  # (weights, KV dtype, activation dtype)
     ("fp32", "auto", torch.float32),
@@ -92,7 +92,7 @@ def linear_bytes(model: torch.nn.Module) -> int:
 
 
 def measure_freehold(args, weights: str, kv: str, dtype: torch.dtype, ppl_ids: list[int], prompt: list[int]) -> Row:
-    from freehold.config import EngineConfig, KVDtype
+    from freehold.config import KVDtype
     from freehold.engine.memory import create_kv_cache
     from freehold.eval.ppl import perplexity
     from freehold.llm import LLM
@@ -163,5 +163,5 @@ def run(args: argparse.Namespace) -> int:
     write_results("quant", HEADERS, [r.cells(reference, bandwidth) for r in rows],
                   {"bandwidth_bytes_per_s": bandwidth, "one_thread_bandwidth_bytes_per_s": one_thread,
                    "ppl_tokens": args.ppl_tokens, "window": args.window,
-                   "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens})
+                   "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens}, args.out)
     return 0

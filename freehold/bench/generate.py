@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 
-from bench.common import Timer, pydoc_token_ids, write_results
+from freehold.bench.common import Timer, pydoc_token_ids, write_results
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -100,5 +100,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         headers = ["system", "weights", "prefill tok/s", "decode tok/s"]
     write_results("generate", headers, rows, {"prompt_tokens": args.prompt_tokens,
-                                              "decode_tokens": args.decode_tokens})
+                                              "decode_tokens": args.decode_tokens}, args.out)
     return 0
