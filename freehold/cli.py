@@ -61,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", type=Path, default=Path("bench-results"),
                     help="folder for structured_SUBSET.json and .md (default: ./bench-results/)")
     _add_model_args(st)
+    tl = esub.add_parser("tools", help="BFCL function calling: constrained vs unconstrained + parse")
+    tl.add_argument("--data", type=Path, required=True,
+                    help="a BFCL data folder: BFCL_v*_CATEGORY.json files and possible_answer/")
+    tl.add_argument("--categories", default=None, help="comma-separated (default: every AST category found)")
+    tl.add_argument("--modes", default="constrained,unconstrained", help="comma-separated")
+    tl.add_argument("--limit", type=int, default=None, help="the first N items of each category")
+    tl.add_argument("--max-tokens", type=int, default=256)
+    tl.add_argument("--frequency-penalty", type=float, default=0.0, help="greedy decoding with this penalty")
+    tl.add_argument("--out", type=Path, default=Path("bench-results"),
+                    help="folder for tools_CATEGORY.json and .md (default: ./bench-results/)")
+    _add_model_args(tl)
 
     k = sub.add_parser("kv-plan", help="what fits: KV bytes/token, tokens and concurrent requests for a memory size")
     k.add_argument("model", nargs="?", default=None, help="GGUF, HF dir or config.json (default: the default model)")

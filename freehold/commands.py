@@ -76,6 +76,8 @@ def chat(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     if args.eval_command == "structured":
         return evaluate_structured(args)
+    if args.eval_command == "tools":
+        return evaluate_tools(args)
     from freehold.engine.memory import create_kv_cache
     from freehold.eval.ppl import default_text, perplexity
     from freehold.models.loader import load_model
@@ -111,6 +113,32 @@ def evaluate_structured(args: argparse.Namespace) -> int:
         report, results = evaluate_subset(llm, compiler, subset, cases, settings)
         write_results(f"structured_{subset}", HEADERS, [report.row()], report_details(results, settings), args.out)
         rows.append(report.row())
+    print(format_table(HEADERS, rows))
+    return 0
+
+
+def evaluate_tools(args: argparse.Namespace) -> int:
+    from freehold.bench.common import format_table, write_results
+    from freehold.eval.tools import HEADERS, MODES, details, evaluate, find_categories, load_items
+    require_extra("jsonschema", "eval", "freehold eval tools (it validates each call against its tool's schema)")
+    found = find_categories(args.data)
+    names = [c for c in args.categories.split(",") if c] if args.categories else list(found)
+    modes = [m for m in args.modes.split(",") if m]
+    for name in [n for n in names if n not in found] + [m for m in modes if m not in MODES]:
+        raise InvalidRequestError(f"unknown category or mode {name!r} (categories in {args.data}: "
+                                  f"{', '.join(found) or 'none'}; modes: {', '.join(MODES)})")
+    llm = load_llm(args)
+    rows = []
+    for name in names:
+        items = load_items(found[name], name, args.limit)
+        reports = [evaluate(llm, name, items, mode, args.max_tokens, args.frequency_penalty,
+                            lambda i, n, m=mode: print(f"\r{name} {m}: {i}/{n}", end="", file=sys.stderr))
+                   for mode in modes]
+        print(file=sys.stderr)
+        write_results(f"tools_{name}", HEADERS, [r.row() for r, _ in reports],
+                      {"max_tokens": args.max_tokens, "temperature": 0.0, "frequency_penalty": args.frequency_penalty,
+                       "items": [d for _, outcomes in reports for d in details(outcomes)]}, args.out)
+        rows += [r.row() for r, _ in reports]
     print(format_table(HEADERS, rows))
     return 0
 

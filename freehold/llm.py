@@ -1,9 +1,10 @@
 """The Python API: `LLM(model).generate(prompts, SamplingParams)` and `.chat(messages)`, on the engine."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import torch
 
@@ -14,7 +15,14 @@ from freehold.models.loader import LoadedModel, load_model
 from freehold.quant.modes import WeightMode
 from freehold.text_stream import TextStream, fold_output
 from freehold.tokenizer import Tokenizer
+from freehold.tools.grammar import tool_constraint
+from freehold.tools.parse import ToolCall, parse_tool_calls
+from freehold.tools.prompt import template_handles_tools, template_tools, tool_messages
+from freehold.tools.spec import ToolRequest, tool_request
 from freehold.types import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from freehold.constrain.compiler import ConstraintCompiler
 
 Message = Mapping[str, object]
 
@@ -26,6 +34,8 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # chat with tools: the calls read from `text`
+    content: str | None = None  # chat with tools: `text` outside the calls (None when it is empty)
 
 
 @dataclass
@@ -49,6 +59,7 @@ class LLM:
         self.engine = Engine(self.loaded.model, self.loaded.config, self.tokenizer.eos_token_ids, config)
         self._ids = itertools.count()
         self._streams: dict[str, list[TextStream]] = {}  # per request, one per completion
+        self._compiler: ConstraintCompiler | None = None  # created by the first chat with tools
 
     # -- public API ---------------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -82,12 +93,35 @@ class LLM:
         return [gen for _, gen in ids]
 
     def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
-             params: SamplingParams = SamplingParams()) -> list[Generation]:
+             params: SamplingParams = SamplingParams(), *, tools: list[dict] | None = None,
+             tool_choice: str | dict | None = None, parallel_tool_calls: bool | None = None) -> list[Generation]:
+        """Chat completions. With `tools` (OpenAI-shaped), each completion's `tool_calls` holds the calls made, each
+        naming an offered tool with arguments valid for its schema (the decoding is constrained: freehold.tools),
+        and `content` the text outside them; tool_choice and parallel_tool_calls as OpenAI defines them."""
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else messages
-        return self.generate([self.chat_prompt(c) for c in conversations], params)
+        request = tool_request(tools, tool_choice, parallel_tool_calls)
+        if request is None:
+            return self.generate([self.chat_prompt(c) for c in conversations], params)
+        spec = tool_constraint(request)
+        if spec is not None:
+            if params.constraint is not None:
+                raise InvalidRequestError("tools cannot be combined with another output constraint", param="tools")
+            params = dataclasses.replace(params, constraint=self._constraint_compiler().compile(spec))
+        generations = self.generate([self.chat_prompt(c, request) for c in conversations], params)
+        for completion in (c for g in generations for c in g.completions):
+            if spec is None:  # tool_choice "none": no call can be made, the text is all content
+                completion.content = completion.text or None
+            else:
+                content, completion.tool_calls = parse_tool_calls(completion.text)
+                completion.content = content or None
+        return generations
 
-    def chat_prompt(self, messages: Sequence[Message]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+    def chat_prompt(self, messages: Sequence[Message], tools: ToolRequest | None = None) -> list[int]:
+        """The prompt ids of a conversation; with `tools`, its history rendered as freehold.tools.prompt says."""
+        native = template_handles_tools(self.tokenizer)
+        messages = tool_messages(messages, tools, native)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tools=template_tools(tools) if native else None)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams()) -> Iterator[str]:
@@ -103,6 +137,12 @@ class LLM:
                     yield delta
 
     # -- private ------------------------------------------------------------------------------------------
+    def _constraint_compiler(self) -> ConstraintCompiler:
+        if self._compiler is None:
+            from freehold.constrain.compiler import ConstraintCompiler  # imports xgrammar: only when needed
+            self._compiler = ConstraintCompiler(self.tokenizer, self.loaded.config.vocab_size)
+        return self._compiler
+
     def _submit(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, Generation]:
         request_id = f"llm-{next(self._ids)}"
         self.engine.add_request(request_id, prompt_ids, params)

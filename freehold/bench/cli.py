@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from freehold.bench import generate, prefix, quant, sampling, serve, structured, throughput
+from freehold.bench import generate, prefix, quant, sampling, serve, structured, throughput, tools
 from freehold.bench.common import DEFAULT_RESULTS_DIR
 
 BENCHMARKS = {
@@ -15,6 +15,7 @@ BENCHMARKS = {
     "quant": (quant, "weight formats x KV dtypes: memory, perplexity, prefill/decode tok/s, bandwidth roofline"),
     "sampling": (sampling, "sampler overhead per decode step at batch 16"),
     "structured": (structured, "constrained (JSON schema) vs free decode tokens/s at batch 1 and 16"),
+    "tools": (tools, "constrained tool-call turn vs free text: decode tokens/s at batch 1 and 16"),
     "serve": (serve, "HTTP load generator against freehold serve (TTFT, ITL, output tokens/s)"),
 }
 

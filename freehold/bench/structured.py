@@ -52,12 +52,12 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = [_prompt(llm, TOPICS[i % len(TOPICS)]) for i in range(batch)]
-        lengths = [len(t) for t in _decode(llm, prompts, [args.max_tokens] * batch, constraint).tokens]
-        free = min((_decode(llm, prompts, lengths, None) for _ in range(args.repeats)), key=lambda d: d.seconds)
+        lengths = [len(t) for t in decode_batch(llm, prompts, [args.max_tokens] * batch, constraint).tokens]
+        free = min((decode_batch(llm, prompts, lengths, None) for _ in range(args.repeats)), key=lambda d: d.seconds)
         timed = []
         for _ in range(args.repeats):
             fill.reset()
-            timed.append((_decode(llm, prompts, lengths, constraint), fill.seconds))
+            timed.append((decode_batch(llm, prompts, lengths, constraint), fill.seconds))
         constrained, fill_s = min(timed, key=lambda t: t[0].seconds)
         rows.append([batch, sum(lengths), free.tokens_per_s, constrained.tokens_per_s,
                      constrained.tokens_per_s / free.tokens_per_s,
@@ -85,7 +85,7 @@ class _Decode:
         return self.num_tokens / self.seconds
 
 
-def _decode(llm, prompts: list[list[int]], lengths: list[int], constraint) -> _Decode:
+def decode_batch(llm, prompts: list[list[int]], lengths: list[int], constraint) -> _Decode:
     """Greedy generation of all prompts together; times the decode-only steps."""
     from freehold.types import SamplingParams
     engine = llm.engine

@@ -23,7 +23,8 @@ import xgrammar as xgr
 
 from freehold.constrain.matcher import clear_token_bits
 from freehold.constrain.schema_support import check_schema_support
-from freehold.constrain.spec import Choice, Constraint, ConstraintSpec, Grammar, JsonObject, JsonSchema, Regex
+from freehold.constrain.spec import (Choice, Constraint, ConstraintSpec, Grammar, JsonObject, JsonSchema, Regex,
+                                    StructuralTag)
 from freehold.errors import InvalidRequestError
 from freehold.tokenizer import Tokenizer
 
@@ -124,6 +125,8 @@ class ConstraintCompiler:
                 return self._compiler.compile_grammar(spec.ebnf)
             if isinstance(spec, Choice):
                 return self._compiler.compile_grammar(choice_ebnf(spec.options))
+            if isinstance(spec, StructuralTag):
+                return self._compiler.compile_structural_tag(spec.text)
         except (RuntimeError, ValueError) as exc:  # xgrammar's parse and conversion errors
             raise InvalidRequestError(f"cannot constrain the output to {spec.describe()}: "
                                       f"{_engine_message(exc)}") from None
@@ -168,6 +171,8 @@ def _spec_bytes(spec: ConstraintSpec) -> int:
         return len(spec.ebnf)
     if isinstance(spec, Choice):
         return sum(len(o) for o in spec.options)
+    if isinstance(spec, StructuralTag):
+        return len(spec.text)
     return 0
 
 

@@ -6,6 +6,7 @@
     Regex          a full match of a regex            (vLLM guided_regex)
     Grammar        a string of an EBNF/GBNF grammar   (vLLM guided_grammar; the start rule is `root`)
     Choice         exactly one of some strings        (vLLM guided_choice)
+    StructuralTag  an xgrammar structural tag         (tool calls: freehold.tools.grammar builds one)
 
 This module imports no grammar engine: `types.py` and the HTTP layer use it without loading xgrammar.
 """
@@ -103,6 +104,21 @@ class Choice:
         return f"one of {len(self.options)} choices"
 
 
+@dataclass(frozen=True)
+class StructuralTag:
+    """xgrammar's structural tag format (`{"type": "structural_tag", "format": ...}`) as compact JSON text; `what`
+    says in errors what it constrains (e.g. "tool calls")."""
+
+    text: str
+    what: str = "a structural tag"
+
+    def __post_init__(self) -> None:
+        _check_unicode(self.text, "the structural tag")
+
+    def describe(self) -> str:
+        return self.what
+
+
 def _depth(value: Any) -> int:
     """How many levels of objects and arrays `value` nests (iteratively: a deep value must not exhaust the stack)."""
     deepest, stack = 0, [(value, 1)]
@@ -128,7 +144,7 @@ def _check_unicode(text: str, what: str) -> None:
                                   "not valid Unicode text") from None
 
 
-ConstraintSpec = JsonObject | JsonSchema | Regex | Grammar | Choice
+ConstraintSpec = JsonObject | JsonSchema | Regex | Grammar | Choice | StructuralTag
 
 
 @dataclass(frozen=True)

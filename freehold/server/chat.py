@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: messages -> chat template -> one engine request with n completions."""
+"""POST /v1/chat/completions: messages -> chat template -> one engine request with n completions; with `tools`,
+the output is constrained to text and well-formed calls and parsed into tool calls (`freehold.server.tool_calls`)."""
 from __future__ import annotations
 
 import time
@@ -15,11 +16,13 @@ from freehold.errors import FreeholdError
 from freehold.server.errors import error_body, freehold_error_body
 from freehold.server.logprobs import chat_logprobs
 from freehold.server.params import chat_messages, check_supported, sampling_params
-from freehold.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
-                                      ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ErrorResponse, Usage)
+from freehold.server.protocol import (ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
+                                      ChatCompletionRequest, ChatDelta, ErrorResponse, Usage)
 from freehold.server.serving import Choice, ChoiceDelta, Serving, UsageTally
 from freehold.server.structured import requested_constraint
 from freehold.server.streaming import DONE, EventStreamResponse, sse, until_disconnected
+from freehold.server.tool_calls import (StreamedToolCalls, finish_reason, parses_calls, prompt_messages,
+                                        request_constraint, requested_tools, response_message, template_tools)
 
 router = APIRouter()
 
@@ -32,6 +35,7 @@ class _Head:
     created: int
     model: str
     logprobs: bool
+    tool_calls: bool  # the output is parsed for tool calls
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES,
@@ -40,12 +44,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     serving: Serving = request.app.state.serving
     serving.check_model(body.model)
     check_supported(body)
-    constraint = await serving.compile_constraint(requested_constraint(body))
-    prompt_ids = await serving.encode_chat(chat_messages(body))
+    tools = requested_tools(body)
+    messages = prompt_messages(chat_messages(body), tools, serving.tokenizer)
+    constraint = await serving.compile_constraint(request_constraint(tools, requested_constraint(body)))
+    prompt_ids = await serving.encode_chat(messages, template_tools(tools, serving.tokenizer))
     params = sampling_params(body, len(prompt_ids), serving.max_model_len, constraint)
     serving.check_request(prompt_ids, params)
     serving.admit(1)
-    head = _Head(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), serving.model_name, params.logprobs is not None)
+    head = _Head(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), serving.model_name, params.logprobs is not None,
+                 parses_calls(tools))
     tally = UsageTally()
     deltas = serving.run(head.id, prompt_ids, params, tally)
     if body.stream:
@@ -58,22 +65,26 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 
 def _choice(serving: Serving, head: _Head, c: Choice) -> ChatChoice:
     logprobs = chat_logprobs(c.logprobs, serving.token_text) if head.logprobs else None
-    reason = c.finish_reason.value if c.finish_reason else None
-    return ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=logprobs,
-                      finish_reason=reason)
+    message = response_message(c.text, head.tool_calls)
+    return ChatChoice(index=c.index, message=message, logprobs=logprobs,
+                      finish_reason=finish_reason(c.finish_reason, bool(message.tool_calls)))
 
 
 async def _events(serving: Serving, head: _Head, deltas: AsyncIterator[list[ChoiceDelta]], tally: UsageTally,
                   n: int, include_usage: bool) -> AsyncIterator[str]:
-    """The role delta of every choice first, then content deltas, each choice's finish, usage, [DONE]."""
+    """The role delta of every choice first (content "", or null when calls may follow), then content and
+    tool-call deltas, each choice's finish, usage, [DONE]."""
     for i in range(n):
-        yield sse(_chunk(head, ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""),
+        yield sse(_chunk(head, ChatChunkChoice(index=i, delta=ChatDelta(role="assistant",
+                                                                         content=None if head.tool_calls else ""),
                                                logprobs=None, finish_reason=None)))
+    calls = StreamedToolCalls(n) if head.tool_calls else None
     try:
         async with aclosing(deltas):  # type: ignore[type-var]
             async for step in deltas:
                 for d in step:
-                    yield sse(_chunk(head, _chunk_choice(serving, head, d)))
+                    for choice in _chunk_choices(serving, head, d, calls):
+                        yield sse(_chunk(head, choice))
     except (EngineDeadError, FreeholdError) as exc:
         yield sse(_stream_error(exc))
         yield DONE
@@ -83,11 +94,22 @@ async def _events(serving: Serving, head: _Head, deltas: AsyncIterator[list[Choi
     yield DONE
 
 
-def _chunk_choice(serving: Serving, head: _Head, d: ChoiceDelta) -> ChatChunkChoice:
-    delta = ChatDelta(content=d.text) if d.text else ChatDelta()
+def _chunk_choices(serving: Serving, head: _Head, d: ChoiceDelta,
+                   calls: StreamedToolCalls | None) -> list[ChatChunkChoice]:
+    """One step of one choice as chunks: its deltas, the step's logprobs and finish reason on the last one (an empty
+    delta carries them when the text is held back, e.g. inside a call's closing tag)."""
+    finished = d.finish_reason is not None
+    if calls is None:
+        deltas = [ChatDelta(content=d.text)] if d.text else []
+    else:
+        deltas = calls.deltas(d.index, d.text, finished)
     logprobs = chat_logprobs(d.logprobs, serving.token_text) if head.logprobs else None
-    reason = d.finish_reason.value if d.finish_reason else None
-    return ChatChunkChoice(index=d.index, delta=delta, logprobs=logprobs, finish_reason=reason)
+    if not deltas and not finished and logprobs is None:
+        return []
+    reason = finish_reason(d.finish_reason, calls is not None and calls.made_calls(d.index))
+    out = [ChatChunkChoice(index=d.index, delta=delta, logprobs=None, finish_reason=None) for delta in deltas[:-1]]
+    return out + [ChatChunkChoice(index=d.index, delta=deltas[-1] if deltas else ChatDelta(), logprobs=logprobs,
+                                  finish_reason=reason)]
 
 
 def _chunk(head: _Head, choice: ChatChunkChoice | None, usage: Usage | None = None) -> ChatCompletionChunk:

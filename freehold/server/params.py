@@ -18,7 +18,7 @@ from freehold.types import SamplingParams
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 64
 _SEED_RANGE = (-(2**63), 2**63 - 1)
-_NEUTRAL = {"tool_choice": ("none",)}
+_LEGACY_FUNCTIONS = {"functions": "tools", "function_call": "tool_choice"}
 
 
 def check_supported(request: SamplingFields) -> None:
@@ -26,6 +26,7 @@ def check_supported(request: SamplingFields) -> None:
     for name in unsupported_fields(type(request)):
         _reject_if_set(name, getattr(request, name), name)
     if isinstance(request, ChatCompletionRequest):
+        _reject_legacy_functions(request)
         for i, message in enumerate(request.messages):
             _check_message(message, f"messages[{i}]")
     if isinstance(request, CompletionRequest):
@@ -39,14 +40,7 @@ def chat_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
     """Messages as the chat template takes them ("developer" is OpenAI's new name for "system")."""
     if not request.messages:
         raise InvalidRequestError("messages must contain at least one message", param="messages")
-    out = []
-    for i, m in enumerate(request.messages):
-        texts = [m.content] if isinstance(m.content, str) else [p.text or "" for p in m.content]
-        for text in texts:
-            _check_text(text, f"messages[{i}].content")
-        content = m.content if isinstance(m.content, str) else [{"type": "text", "text": t} for t in texts]
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-    return out
+    return [_message_dict(m, f"messages[{i}]") for i, m in enumerate(request.messages)]
 
 
 def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
@@ -118,20 +112,62 @@ def _make_params(r: ChatCompletionRequest | CompletionRequest, max_tokens: int,
 
 
 def _reject_if_set(name: str, value: Any, param: str) -> None:
-    neutral = value is None or value is False or value == [] or value == {} or value in _NEUTRAL.get(name, ())
+    neutral = value is None or value is False or value == [] or value == {}
     if not neutral:
         raise InvalidRequestError(f"'{param}' is not supported by Freehold", param=param)
+
+
+def _reject_legacy_functions(request: ChatCompletionRequest) -> None:
+    """OpenAI deprecated `functions` / `function_call` for `tools` / `tool_choice`; they are not mapped."""
+    for name, replacement in _LEGACY_FUNCTIONS.items():
+        if getattr(request, name) is not None:
+            raise InvalidRequestError(f"'{name}' is deprecated and not supported by Freehold: use '{replacement}'",
+                                      param=name)
+
+
+def _message_dict(m: ChatMessage, where: str) -> dict[str, Any]:
+    """One message as the chat template takes it: the role ("developer" is OpenAI's new name for "system"),
+    the content (None only beside tool calls), and the tool fields where set."""
+    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": None}
+    if m.content is not None:
+        texts = [m.content] if isinstance(m.content, str) else [p.text or "" for p in m.content]
+        for text in texts:
+            _check_text(text, f"{where}.content")
+        out["content"] = m.content if isinstance(m.content, str) else [{"type": "text", "text": t} for t in texts]
+    if m.tool_calls is not None:
+        out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
 
 
 def _check_message(message: ChatMessage, where: str) -> None:
     for name in unsupported_fields(ChatMessage):
         _reject_if_set(name, getattr(message, name), f"{where}.{name}")
+    _check_tool_fields(message, where)
     if isinstance(message.content, list):
         for j, part in enumerate(message.content):
             if part.type != "text" or part.text is None:
                 raise InvalidRequestError(
                     f"content part type {part.type!r} is not supported: only {{'type': 'text', 'text': ...}} parts",
                     param=f"{where}.content[{j}]")
+
+
+def _check_tool_fields(message: ChatMessage, where: str) -> None:
+    """tool_calls only on assistant messages, tool_call_id only (and always) on tool messages, and content on
+    every message but an assistant one that makes calls."""
+    if message.tool_calls is not None and message.role != "assistant":
+        raise InvalidRequestError(f"tool_calls is only allowed on assistant messages, not {message.role!r}",
+                                  param=f"{where}.tool_calls")
+    if message.role == "tool" and message.tool_call_id is None:
+        raise InvalidRequestError("a tool message needs the tool_call_id of the call it answers",
+                                  param=f"{where}.tool_call_id")
+    if message.role != "tool" and message.tool_call_id is not None:
+        raise InvalidRequestError(f"tool_call_id is only allowed on tool messages, not {message.role!r}",
+                                  param=f"{where}.tool_call_id")
+    if message.content is None and not (message.role == "assistant" and message.tool_calls):
+        raise InvalidRequestError("content is required (it may be null only on an assistant message with "
+                                  "tool_calls)", param=f"{where}.content")
 
 
 def _max_tokens(request: ChatCompletionRequest | CompletionRequest) -> tuple[int | None, str]:

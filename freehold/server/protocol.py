@@ -45,12 +45,26 @@ class ContentPart(_Strict):
     file: Any = _unsupported()
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object in a string")
+
+
+class MessageToolCall(_Strict):
+    """A call an earlier assistant turn made (history)."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = Field(None, description="may be null only on an assistant message "
+                                                                      "with tool_calls")
+    tool_calls: list[MessageToolCall] | None = Field(None, description="assistant messages: the calls made")
+    tool_call_id: str | None = Field(None, description="tool messages: the id of the call this is the result of")
     name: str | None = _unsupported()
-    tool_calls: Any = _unsupported()
-    tool_call_id: Any = _unsupported()
     function_call: Any = _unsupported()
     refusal: Any = _unsupported()
     audio: Any = _unsupported()
@@ -76,6 +90,27 @@ class StructuredOutputs(_Strict):
     grammar: str | None = Field(None, description="EBNF (GBNF) with a `root` rule")
     choice: list[str] | None = None
     json_object: bool | None = None
+
+
+class FunctionDefinition(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema of an object; absent: no arguments")
+    strict: bool | None = Field(None, description="accepted; the arguments always match the schema")
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class SamplingFields(_Strict):
@@ -117,12 +152,13 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, description="takes precedence over max_tokens")
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    tools: list[Tool] | None = Field(None, description="functions the model may call (freehold.tools)")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto with tools, none without")
+    parallel_tool_calls: bool | None = Field(None, description="default true: any number of calls in one turn")
+    functions: Any = Field(None, description="deprecated by OpenAI: rejected with a 400 (use tools)")
+    function_call: Any = Field(None, description="deprecated by OpenAI: rejected with a 400 (use tool_choice)")
     # not implemented
-    tools: Any = _unsupported()
-    tool_choice: Any = _unsupported()
-    parallel_tool_calls: Any = _unsupported()
-    functions: Any = _unsupported()
-    function_call: Any = _unsupported()
     audio: Any = _unsupported()
     modalities: Any = _unsupported()
     prediction: Any = _unsupported()
@@ -169,16 +205,31 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob]
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # null when the turn is only tool calls
+    tool_calls: list[ResponseToolCall] | None = None
+
+
+ChatFinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None
+    finish_reason: ChatFinishReason | None
 
 
 class ChatCompletion(BaseModel):
@@ -190,16 +241,31 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A call's first delta sets id, type and function.name (arguments ""); later ones append function.arguments."""
+
+    index: int  # the call's position in this choice's tool_calls
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

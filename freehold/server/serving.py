@@ -89,11 +89,12 @@ class Serving:
             raise APIError(400, f"model {model!r} is not served here; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
-    async def encode_chat(self, messages: list[dict]) -> list[int]:
-        """The chat prompt's ids; PromptTooLongError first, without tokenizing, if the rendered text cannot fit (the
-        template may trim or drop content, so the bound reads what it renders)."""
+    async def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The chat prompt's ids (`tools` for a template that renders them); PromptTooLongError first, without
+        tokenizing, if the rendered text cannot fit (the template may trim or drop content, so the bound reads what
+        it renders)."""
         def encode() -> list[int]:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
             self.prompt_bound.check([text], self.max_model_len)
             return self.tokenizer.encode(text, add_special_tokens=False)
         return await self._off_loop(encode)

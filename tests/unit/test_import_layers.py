@@ -9,7 +9,7 @@ LAYERS = [
     {"errors", "kernels"},
     {"config", "tokenizer"},
     {"constrain", "layers"},
-    {"types"},
+    {"types", "tools"},
     {"models", "quant"},
     {"kv", "sampling", "text_stream"},
     {"engine"},
