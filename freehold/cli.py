@@ -26,6 +26,16 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def _add_eval_run_args(p: argparse.ArgumentParser, items: str, result_name: str) -> None:
+    """The options every generating evaluation shares: how many items, how long, where results go, which model."""
+    p.add_argument("--limit", type=int, default=None, help=f"the first N {items}")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="greedy decoding with this penalty")
+    p.add_argument("--out", type=Path, default=Path("bench-results"),
+                   help=f"folder for {result_name}.json and .md (default: ./bench-results/)")
+    _add_model_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freehold", description="Self-hosted LLM inference server and runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,23 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--data", type=Path, required=True,
                     help="a folder of subsets, each a folder of JSON Schema files (e.g. JSONSchemaBench's data/)")
     st.add_argument("--subsets", default="Github_easy,Glaiveai2K", help="comma-separated subset folders of --data")
-    st.add_argument("--limit", type=int, default=None, help="the first N schemas of each subset")
-    st.add_argument("--max-tokens", type=int, default=256)
-    st.add_argument("--frequency-penalty", type=float, default=0.0, help="greedy decoding with this penalty")
-    st.add_argument("--out", type=Path, default=Path("bench-results"),
-                    help="folder for structured_SUBSET.json and .md (default: ./bench-results/)")
-    _add_model_args(st)
+    _add_eval_run_args(st, "schemas of each subset", "structured_SUBSET")
     tl = esub.add_parser("tools", help="BFCL function calling: constrained vs unconstrained + parse")
     tl.add_argument("--data", type=Path, required=True,
                     help="a BFCL data folder: BFCL_v*_CATEGORY.json files and possible_answer/")
     tl.add_argument("--categories", default=None, help="comma-separated (default: every AST category found)")
     tl.add_argument("--modes", default="constrained,unconstrained", help="comma-separated")
-    tl.add_argument("--limit", type=int, default=None, help="the first N items of each category")
-    tl.add_argument("--max-tokens", type=int, default=256)
-    tl.add_argument("--frequency-penalty", type=float, default=0.0, help="greedy decoding with this penalty")
-    tl.add_argument("--out", type=Path, default=Path("bench-results"),
-                    help="folder for tools_CATEGORY.json and .md (default: ./bench-results/)")
-    _add_model_args(tl)
+    _add_eval_run_args(tl, "items of each category", "tools_CATEGORY")
 
     k = sub.add_parser("kv-plan", help="what fits: KV bytes/token, tokens and concurrent requests for a memory size")
     k.add_argument("model", nargs="?", default=None, help="GGUF, HF dir or config.json (default: the default model)")
