@@ -1,8 +1,10 @@
-"""The Python API: `LLM(model).generate(prompts, SamplingParams)` and `.chat(messages)`, on the engine."""
+"""The Python API: `LLM(model).generate(prompts, SamplingParams)` and `.chat(messages)`, on the engine.
+`Generation.prompt_logprobs` holds the prompt's logprobs when SamplingParams.prompt_logprobs asks for them."""
 from __future__ import annotations
 
 import dataclasses
 import itertools
+from importlib.metadata import PackageNotFoundError, version
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
@@ -43,6 +45,8 @@ class Generation:
     prompt_token_ids: list[int]
     completions: list[Completion]
     num_cached_tokens: int = 0
+    # SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (no context)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def text(self) -> str:
@@ -52,9 +56,12 @@ class Generation:
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  weights: WeightMode = WeightMode.AUTO, engine_config: EngineConfig | None = None,
-                 progress: bool = True, **engine_options):
+                 progress: bool = True, chat_template: str | None = None, **engine_options):
+        """`chat_template`: Jinja source to use instead of the model's own chat template."""
         self.loaded: LoadedModel = load_model(model, dtype=dtype, device=device, progress=progress, weights=weights)
         self.tokenizer = Tokenizer.from_model_path(self.loaded.path)
+        if chat_template is not None:
+            self.tokenizer.use_chat_template(chat_template)
         config = engine_config or EngineConfig(device=device, dtype=dtype, **engine_options)
         self.engine = Engine(self.loaded.model, self.loaded.config, self.tokenizer.eos_token_ids, config)
         self._ids = itertools.count()
@@ -72,6 +79,12 @@ class LLM:
                 f"({budget.bytes_per_token} B/token), {budget.sequences_at(self.engine.max_model_len)} sequence(s) "
                 f"at the full context of {self.engine.max_model_len} tokens; prefix cache "
                 f"{'on (shared prompt prefixes are stored once)' if self.engine.config.enable_prefix_caching else 'off'}")
+
+    def fingerprint(self) -> str:
+        """`fh-<version>-<weights>-kv<dtype>`, e.g. fh-0.1.0-int4-kvfloat32: what produced an output (OpenAI's
+        system_fingerprint). Same fingerprint, same seed and same request: the same output."""
+        kv_dtype = str(self.engine.config.cache_dtype).removeprefix("torch.")
+        return f"fh-{_version()}-{self.loaded.weights or 'float'}-kv{kv_dtype}"
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -167,6 +180,8 @@ class LLM:
     def _absorb(self, request_id: str, gen: Generation, out: RequestOutput) -> str:
         """Fold one step's RequestOutput into the Generation; returns completion 0's new text."""
         gen.num_cached_tokens = out.num_cached_tokens
+        if out.prompt_logprobs is not None:
+            gen.prompt_logprobs = out.prompt_logprobs
         first_delta = ""
         for o in out.outputs:
             comp, stream = gen.completions[o.index], self._streams[request_id][o.index]
@@ -184,3 +199,10 @@ class LLM:
         if all(c.finish_reason is not None for c in gen.completions):
             self._streams.pop(request_id, None)
         return first_delta
+
+
+def _version() -> str:
+    try:
+        return version("freehold")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "dev"

@@ -41,9 +41,14 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k: chosen token plus top-k alternatives
     n: int = 1
     constraint: Constraint | None = None  # structured output: a compiled grammar the text must match
+    # None: off; k: each prompt token's logprob (given the tokens before it) plus the top-k alternatives, reported
+    # once on the request's output after its prefill (RequestOutput.prompt_logprobs); allows max_tokens 0
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.max_tokens >= 1, "max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
+        min_max_tokens = 0 if self.prompt_logprobs is not None else 1  # 0: prefill only, for prompt logprobs
+        _check(self.max_tokens >= min_max_tokens, "max_tokens",
+               f"max_tokens must be >= 1 (0 only with prompt_logprobs), got {self.max_tokens}")
         _check(0 <= self.min_tokens <= self.max_tokens, "min_tokens",
                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         _check(0.0 <= self.temperature <= 2.0, "temperature", f"temperature must be in [0, 2], got {self.temperature}")
@@ -59,6 +64,8 @@ class SamplingParams:
                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        _check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
+               f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
         _check(1 <= self.n <= 16, "n", f"n must be in [1, 16], got {self.n}")
         _check(self.seed is None or -(2**63) <= self.seed < 2**63, "seed",
                f"seed must be a 64-bit signed integer, got {self.seed}")
@@ -83,6 +90,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...]  # (token_id, logprob), most likely first
+    rank: int | None = None  # 1 + the number of tokens more likely than token_id (vLLM's rank); None: not computed
 
 
 @dataclass
@@ -108,6 +116,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
     error: FreeholdError | None = None  # the request failed on its own input and was ended (its last output)
+    # SamplingParams.prompt_logprobs: one entry per prompt token (None for the first, which has no context), set on
+    # exactly one output, the first after the prompt's prefill; None on every other output
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:

@@ -1,6 +1,9 @@
 """The engine: owns the model, the KV cache, the scheduler and the sampler. One thread calls `step()`.
 
     step = schedule -> forward -> sample -> update
+
+A request with prompt logprobs gets them from the forward of its own prefill (freehold.engine.prompt_logprobs),
+on its first output after the prompt; with max_tokens 0 it ends there ("length") without drawing a token.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch
 from freehold.config import EngineConfig, ModelConfig
 from freehold.constrain.matcher import BitmaskFiller, GrammarState
 from freehold.engine.memory import KVBudget, create_kv_cache, plan_kv
-from freehold.engine.runner import ModelRunner
+from freehold.engine.runner import ForwardOutput, ModelRunner
 from freehold.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from freehold.engine.sequence import Sequence
 from freehold.errors import FreeholdError, InvalidRequestError, PromptTooLongError
@@ -22,7 +25,7 @@ from freehold.layers.attention import KVCache
 from freehold.models.llama import LlamaForCausalLM
 from freehold.sampling.sampler import Sampler, SamplerOutput, SamplingRow
 from freehold.sampling.seeding import make_generator
-from freehold.types import CompletionOutput, FinishReason, RequestOutput, SamplingParams
+from freehold.types import CompletionOutput, FinishReason, RequestOutput, SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class Engine:
                 for i in range(params.n)]
         for sibling in seqs[1:]:
             sibling.parent = seqs[0]
+        if params.prompt_logprobs is not None:  # the prompt is shared: completion 0 computes its logprobs
+            seqs[0].prompt_logprobs = [None]  # the first token has no context
         self.requests[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
@@ -118,9 +123,9 @@ class Engine:
         self.num_preemptions += len(batch.preempted)
         if batch.empty:
             return []
-        logits, sampling_chunks = self.runner.forward(batch.chunks)
-        sampled = self.sampler.sample(logits, self._sampling_rows(sampling_chunks), overwrite=True)
-        return self._update(batch, sampling_chunks, sampled)
+        forward = self.runner.forward(batch.chunks)
+        sampled = self.sampler.sample(forward.logits, self._sampling_rows(forward.sampling_chunks), overwrite=True)
+        return self._update(batch, forward, sampled)
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.pool.num_blocks,
@@ -140,16 +145,13 @@ class Engine:
         return [SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator,
                             token_bitmask=bitmask) for seq, bitmask in zip(seqs, bitmasks)]
 
-    def _update(self, batch: SchedulerOutput, sampling_chunks: tuple[ScheduledChunk, ...],
-                sampled: SamplerOutput) -> list[RequestOutput]:
+    def _update(self, batch: SchedulerOutput, forward: ForwardOutput, sampled: SamplerOutput) -> list[RequestOutput]:
         """Fold a step's sampled tokens into its sequences. A row that failed on its own request's input (nothing
         to draw, a grammar refusing the token) ends that request with the error; the other rows go on."""
-        for chunk in batch.chunks:
-            chunk.seq.num_computed_tokens += chunk.num_tokens
-            self._register_full_blocks(chunk.seq)
-        touched: dict[str, None] = {}
+        touched = self._advance(batch, forward)
         failed: dict[str, FreeholdError] = {}
-        for row, (chunk, token, logprob) in enumerate(zip(sampling_chunks, sampled.token_ids, sampled.logprobs)):
+        for row, (chunk, token, logprob) in enumerate(zip(forward.sampling_chunks, sampled.token_ids,
+                                                           sampled.logprobs)):
             seq = chunk.seq
             if seq.request_id in failed:
                 continue
@@ -159,6 +161,22 @@ class Engine:
             touched[seq.request_id] = None
         return [self._fail(request_id, failed[request_id]) if request_id in failed else self._collect(request_id)
                 for request_id in touched]
+
+    def _advance(self, batch: SchedulerOutput, forward: ForwardOutput) -> dict[str, None]:
+        """Count the step's computed tokens, keep its prompt logprobs, end prefill-only (max_tokens 0) sequences
+        whose prompt is done; -> the requests that have something to report so far."""
+        touched: dict[str, None] = {}
+        for seq, values in forward.prompt_logprobs:
+            assert seq.prompt_logprobs is not None
+            seq.prompt_logprobs += values
+        for chunk in batch.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+            self._register_full_blocks(chunk.seq)
+            if chunk.completes and not chunk.samples:
+                chunk.seq.finish_reason = FinishReason.LENGTH
+                self.scheduler.finish(chunk.seq)
+                touched[chunk.seq.request_id] = None
+        return touched
 
     def _append(self, seq: Sequence, token: int, logprob) -> InvalidRequestError | None:
         """Append a sampled token (and advance the grammar); returns the request's error instead if any."""
@@ -199,6 +217,15 @@ class Engine:
             return FinishReason.LENGTH
         return None
 
+    @staticmethod
+    def _take_prompt_logprobs(seq: Sequence) -> list[TokenLogprob | None] | None:
+        """The prompt logprobs once they are complete, on one output only."""
+        done = seq.prompt_logprobs is not None and seq.next_prompt_logprob_position is None
+        if not done or seq.prompt_logprobs_reported:
+            return None
+        seq.prompt_logprobs_reported = True
+        return seq.prompt_logprobs
+
     def _collect(self, request_id: str) -> RequestOutput:
         """New tokens of each of the request's sequences since the last report; forgets finished requests."""
         seqs = self.requests[request_id]
@@ -208,7 +235,8 @@ class Engine:
             logprobs = seq.output_logprobs[new] if seq.params.logprobs is not None else None
             outputs.append(CompletionOutput(seq.index, seq.output_token_ids[new], logprobs, seq.finish_reason))
             seq.num_emitted = len(seq.output_token_ids)
-        out = RequestOutput(request_id, seqs[0].prompt_token_ids, outputs, seqs[0].num_cached_tokens)
+        out = RequestOutput(request_id, seqs[0].prompt_token_ids, outputs, seqs[0].num_cached_tokens,
+                            prompt_logprobs=self._take_prompt_logprobs(seqs[0]))
         if out.finished:
             del self.requests[request_id]
         return out

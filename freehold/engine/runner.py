@@ -1,18 +1,23 @@
 """Model runner: packs scheduled chunks into one flat batch (`prepare_*`), runs the model, returns the logits
-of the sequences that sample this step. It tells the packed layers each row's kind (freehold.quant.compute):
+of the sequences that sample this step and the prompt logprobs the batch's prefill rows yield
+(freehold.engine.prompt_logprobs). It tells the packed layers each row's kind (freehold.quant.compute):
 decode rows (a generated token's, a short prompt's, every logits row) or prompt rows (a long prompt's), so a row's
 matmul path never depends on what else is in the batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
+from freehold.engine import prompt_logprobs
+from freehold.engine.prompt_logprobs import PromptLogprobRows
 from freehold.engine.scheduler import ScheduledChunk
 from freehold.engine.sequence import Sequence
 from freehold.layers.attention import AttentionMetadata, KVCache, PrefillChunk
 from freehold.models.llama import LlamaForCausalLM
 from freehold.quant.compute import GEMM_MIN_PROMPT_TOKENS, RowKind, row_kinds
+from freehold.types import TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,13 @@ class ModelInput:
     logit_rows: torch.Tensor  # [B] rows of the flat batch whose logits are needed
     decode_rows: torch.Tensor  # [T] bool: decode rows (freehold.quant.compute), the rest prompt rows
     sampling_chunks: tuple[ScheduledChunk, ...]  # the B chunks, in logit_rows order
+    prompt_logprob_rows: list[PromptLogprobRows]  # prefill rows that score prompt tokens
+
+
+class ForwardOutput(NamedTuple):
+    logits: torch.Tensor  # [B, V] fp32, one row per sampling chunk
+    sampling_chunks: tuple[ScheduledChunk, ...]
+    prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]]  # new prompt logprobs per sequence, in order
 
 
 class ModelRunner:
@@ -33,13 +45,14 @@ class ModelRunner:
         self.block_size = cache.block_size
 
     @torch.inference_mode()
-    def forward(self, chunks: tuple[ScheduledChunk, ...]) -> tuple[torch.Tensor, tuple[ScheduledChunk, ...]]:
-        """-> fp32 logits [B, V] for the chunks that complete their sequence, and those chunks."""
+    def forward(self, chunks: tuple[ScheduledChunk, ...]) -> ForwardOutput:
+        """-> fp32 logits [B, V] for the chunks that sample, those chunks, and the batch's prompt logprobs."""
         inp = self.prepare_input(chunks)
         with row_kinds(inp.decode_rows):
             hidden = self.model(inp.input_ids, inp.positions, self.cache, inp.meta)
+        scored = prompt_logprobs.compute(self.model, hidden, inp.prompt_logprob_rows) if inp.prompt_logprob_rows else []
         with row_kinds(RowKind.DECODE):  # every row the engine asks logits for is sampled from
-            return self.model.compute_logits(hidden[inp.logit_rows]), inp.sampling_chunks
+            return ForwardOutput(self.model.compute_logits(hidden[inp.logit_rows]), inp.sampling_chunks, scored)
 
     def prepare_input(self, chunks: tuple[ScheduledChunk, ...]) -> ModelInput:
         decodes = [c for c in chunks if c.num_tokens == 1]  # one query token: batched decode attention
@@ -57,14 +70,17 @@ class ModelRunner:
             decode_block_tables=self._decode_tables(decodes) if decodes else None,
             decode_context_lens=self._tensor([c.start + 1 for c in decodes]) if decodes else None,
             prefills=self._prefill_chunks(prefills, len(decodes)))
-        rows, sampling, row = [], [], 0
+        rows, sampling, scored, row = [], [], [], 0
         for c in decodes + prefills:
+            selected = prompt_logprobs.select_rows(c, row)
+            if selected is not None:
+                scored.append(selected)
             row += c.num_tokens
-            if c.completes:
+            if c.samples:
                 rows.append(row - 1)
                 sampling.append(c)
         return ModelInput(self._tensor(ids), self._tensor(positions), meta, self._tensor(rows),
-                          torch.tensor(decode_rows, dtype=torch.bool, device=self.device), tuple(sampling))
+                          torch.tensor(decode_rows, dtype=torch.bool, device=self.device), tuple(sampling), scored)
 
     # -- private ------------------------------------------------------------------------------------------
     @staticmethod

@@ -5,6 +5,7 @@ never starved by a long prompt; a prompt longer than the remaining budget is spl
 Waiting sequences are admitted FIFO while blocks, budget and max_num_seqs allow (no skipping ahead).
 When a running sequence needs a block and none is free, the newest running sequence is preempted: its blocks are
 freed and it goes back to the front of the queue to be recomputed later (its prefix is usually still cached).
+A sequence that still needs prompt logprobs takes no cache hit over those positions (freehold.engine.prompt_logprobs).
 """
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ class ScheduledChunk:
     def completes(self) -> bool:
         """After this chunk every token of the sequence has KV, so the step samples its next token."""
         return self.start + self.num_tokens == self.seq.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """The chunk completes its sequence and the sequence draws a token (max_tokens 0: prefill only)."""
+        return self.completes and self.seq.params.max_tokens > 0
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,9 @@ class Scheduler:
         bs = self.pool.block_size
         seq.update_block_keys(bs)
         max_hit_blocks = (seq.num_tokens - 1) // bs  # always compute at least the last token
+        needed = seq.next_prompt_logprob_position
+        if needed is not None:  # prompt logprobs need hidden states, which the cache does not keep (vLLM skips the
+            max_hit_blocks = min(max_hit_blocks, needed // bs)  # prefix cache for such requests; so do we)
         hits = self.pool.lookup(seq.block_keys[:max_hit_blocks])
         num_cached = len(hits) * bs
         n = min(seq.num_tokens - num_cached, budget)

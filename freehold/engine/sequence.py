@@ -38,6 +38,10 @@ class Sequence:
     block_keys: list[BlockKey] = field(default_factory=list)  # keys of the full blocks of prompt + output
     num_emitted: int = 0  # output tokens already reported to the caller
     grammar: GrammarState | None = None  # structured output: follows output_token_ids, one token per step
+    # SamplingParams.prompt_logprobs (completion 0 only): entry i scores prompt token i, [None] before the prefill;
+    # filled chunk by chunk from the prefill's own hidden states, reported once when complete
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_reported: bool = False
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without copying the whole sequence (called every step)."""
@@ -61,6 +65,14 @@ class Sequence:
         """A sibling starts once the parent's prompt blocks are computed, so it reuses them from the prefix cache."""
         p = self.parent
         return p is not None and not p.finished and p.num_computed_tokens < len(p.prompt_token_ids)
+
+    @property
+    def next_prompt_logprob_position(self) -> int | None:
+        """The first prompt position whose hidden state prompt logprobs still need (position p's row scores token
+        p + 1); None when none are needed. A preempted sequence resumes here instead of recomputing values."""
+        if self.prompt_logprobs is None or len(self.prompt_logprobs) >= len(self.prompt_token_ids):
+            return None
+        return len(self.prompt_logprobs) - 1
 
     @property
     def finished(self) -> bool:

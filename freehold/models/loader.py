@@ -26,6 +26,7 @@ class LoadedModel:
     model: LlamaForCausalLM
     config: ModelConfig
     path: Path
+    weights: str = ""  # how the linear layers are held: "int4", "int8", "float32", "bfloat16" (or several, "+")
 
     def weight_bytes(self) -> int:
         seen, total = set(), 0
@@ -69,15 +70,17 @@ def load_model(model: str | Path | None = None, dtype: torch.dtype = torch.float
 
 def _load(path: Path, dtype: torch.dtype, device: torch.device, progress: bool, weights: WeightMode) -> LoadedModel:
     cfg, freq_factors, sources = _read(path)
-    state, packed = {}, {}
+    state, packed, linear = {}, {}, set()
     for name, t in tqdm(sources.items(), desc=f"loading {path.name}", unit="tensor", disable=not progress,
                         file=sys.stderr):
         fmt = weight_format(name, t, weights, cfg.tie_word_embeddings)
+        if name.endswith("_proj.weight"):
+            linear.add(str(dtype).removeprefix("torch.") if fmt is WeightFormat.FLOAT else fmt.value)
         if fmt is WeightFormat.FLOAT:
             state[name] = as_float(t, dtype)
         else:
             packed[name] = pack_weight(t, fmt, device)
-    return LoadedModel(_build(cfg, state, packed, device, freq_factors), cfg, path)
+    return LoadedModel(_build(cfg, state, packed, device, freq_factors), cfg, path, "+".join(sorted(linear)))
 
 
 def _read(path: Path) -> tuple[ModelConfig, torch.Tensor | None, dict]:

@@ -38,6 +38,7 @@ import torch
 from freehold.constrain.matcher import apply_token_bitmask
 from freehold.errors import InvalidRequestError
 from freehold.sampling.chunked import argmax_rows
+from freehold.sampling.logprobs import token_logprobs
 from freehold.sampling.seeding import SeededStream
 from freehold.sampling.draw import draw_inverse_cdf, draw_inverse_cdf_chunked
 from freehold.sampling.penalties import (Penalized, apply_allowed_mask, apply_logit_bias, apply_penalties,
@@ -297,15 +298,9 @@ class Sampler:
         if not wanted:
             return result
         index = self._long(wanted)
-        logprobs = torch.log_softmax(raw[index], dim=-1)
-        chosen = logprobs.gather(1, tokens[index].unsqueeze(1)).squeeze(1).tolist()
-        k = max(rows[i].params.logprobs for i in wanted)
-        top_values, top_ids = (v.tolist() for v in logprobs.topk(k, dim=-1))
-        chosen_ids = tokens[index].tolist()
-        for j, i in enumerate(wanted):
-            k_i = rows[i].params.logprobs
-            top = tuple(zip(top_ids[j][:k_i], top_values[j][:k_i]))
-            result[i] = TokenLogprob(token_id=chosen_ids[j], logprob=chosen[j], top=top)
+        values = token_logprobs(raw[index], tokens[index], [rows[i].params.logprobs for i in wanted])
+        for i, value in zip(wanted, values):
+            result[i] = value
         return result
 
     def _long(self, values: Sequence[int]) -> torch.Tensor:

@@ -1,22 +1,26 @@
 """The FastAPI application: routes, OpenAI-shaped error handling and the optional API-key check.
 
-    HTTP request -> BodySizeLimit -> APIKeyMiddleware -> route (parse, template, tokenize: `params`, `Serving.encode_*`)
-                 -> Serving.run (AsyncEngine on its own thread) -> text deltas -> JSON or SSE
+    HTTP request -> [CORS] -> BodySizeLimit -> APIKeyMiddleware -> route (parse, template, tokenize: `params`,
+                 `Serving.encode_*`) -> Serving.run (AsyncEngine on its own thread) -> text deltas -> JSON or SSE
+
+CORS (only with `--allowed-origins`) wraps everything so that the 413, 401 and 400 a browser reads carry its
+headers too; it reads no body, so the body-size limit is still the first to see one.
 """
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from freehold.server import chat, completions, routes
+from freehold.server import chat, completions, routes, tokenization
 from freehold.server.auth import APIKeyMiddleware
+from freehold.server.cors import CorsPolicy, install_cors
 from freehold.server.errors import install_error_handlers
 from freehold.server.limits import BodySizeLimit
 from freehold.server.serving import Serving
 from freehold.server.streaming import ClientDisconnected, disconnected_response
 
 
-def create_app(serving: Serving, api_key: str | None = None) -> FastAPI:
+def create_app(serving: Serving, api_key: str | None = None, cors: CorsPolicy | None = None) -> FastAPI:
     app = FastAPI(title="Freehold", summary="OpenAI-compatible LLM inference server", version="0.1.0")
     app.state.serving = serving
     install_error_handlers(app)
@@ -24,9 +28,12 @@ def create_app(serving: Serving, api_key: str | None = None) -> FastAPI:
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(routes.router)
+    app.include_router(tokenization.router)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
-    app.add_middleware(BodySizeLimit, max_bytes=serving.limits.max_request_bytes)  # outermost: before any reads
+    app.add_middleware(BodySizeLimit, max_bytes=serving.limits.max_request_bytes)  # before any reads
+    if cors is not None:
+        install_cors(app, cors)  # added last: outermost
     return app
 
 

@@ -1,7 +1,10 @@
-"""API-key check: with a key configured, /v1, /admin and /debug require `Authorization: Bearer <key>`.
+"""API-key check: with a key configured, every route but /health, /metrics and the OpenAPI docs requires
+`Authorization: Bearer <key>` (deny by default: a route added later is protected without being listed).
 
 A plain ASGI middleware (not a route dependency) so that the key is checked before the body is parsed, and
-streaming responses pass through untouched. /health, /metrics and the OpenAPI docs stay open.
+streaming responses pass through untouched. /health, /metrics and the OpenAPI docs stay open, and so does a CORS
+preflight (`OPTIONS` with `Access-Control-Request-Method`): browsers never attach credentials to it, and it reaches
+no route (the CORS middleware answers it, or the router refuses the method).
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from freehold.server.errors import error_response
 
-PROTECTED_PREFIXES = ("/v1", "/admin", "/debug")
+OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
 class APIKeyMiddleware:
@@ -20,7 +23,7 @@ class APIKeyMiddleware:
         self._expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and _protected(scope["path"]) and not self._authorized(scope):
+        if scope["type"] == "http" and _needs_key(scope) and not self._authorized(scope):
             response = error_response(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
                                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send)
@@ -36,5 +39,14 @@ class APIKeyMiddleware:
         return hmac.compare_digest(given, self._expected)
 
 
+def _needs_key(scope: Scope) -> bool:
+    return _protected(scope["path"]) and not _preflight(scope)
+
+
+def _preflight(scope: Scope) -> bool:
+    return scope["method"] == "OPTIONS" and any(name == b"access-control-request-method"
+                                                for name, _ in scope["headers"])
+
+
 def _protected(path: str) -> bool:
-    return any(path == p or path.startswith(p + "/") for p in PROTECTED_PREFIXES)
+    return path not in OPEN_PATHS

@@ -14,8 +14,9 @@ from starlette.responses import Response
 from freehold.engine.async_engine import EngineDeadError
 from freehold.errors import FreeholdError
 from freehold.server.errors import error_body, freehold_error_body
-from freehold.server.logprobs import chat_logprobs
-from freehold.server.params import chat_messages, check_supported, sampling_params
+from freehold.server.logprobs import chat_logprobs, vllm_prompt_logprobs
+from freehold.server.params import chat_messages, check_supported, log_metadata, sampling_params, template_options
+from freehold.server.protocol import PromptLogprobs
 from freehold.server.protocol import (ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                                       ChatCompletionRequest, ChatDelta, ErrorResponse, Usage)
 from freehold.server.serving import Choice, ChoiceDelta, Serving, UsageTally
@@ -34,33 +35,50 @@ class _Head:
     id: str
     created: int
     model: str
+    fingerprint: str
+    service_tier: str | None  # echoed
     logprobs: bool
     tool_calls: bool  # the output is parsed for tool calls
+    include_usage: bool  # streaming: every chunk carries usage (null until the last)
 
 
+@router.post("/chat/completions", response_model=ChatCompletion, include_in_schema=False)  # base URL without /v1
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES,
              summary="Create a chat completion (set stream for server-sent events)")
-async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response | ChatCompletion:
+async def create_chat_completion(body: ChatCompletionRequest, request: Request,
+                                 response: Response) -> Response | ChatCompletion:
     serving: Serving = request.app.state.serving
-    serving.check_model(body.model)
+    headers = serving.check_fields(body)
+    model = serving.check_model(body.model)
     check_supported(body)
+    log_metadata(body)
     tools = requested_tools(body)
     messages = prompt_messages(chat_messages(body), tools, serving.tokenizer)
     constraint = await serving.compile_constraint(request_constraint(tools, requested_constraint(body)))
-    prompt_ids = await serving.encode_chat(messages, template_tools(tools, serving.tokenizer))
+    prompt_ids = await serving.encode_chat(messages, template_tools(tools, serving.tokenizer),
+                                           options=template_options(body))
     params = sampling_params(body, len(prompt_ids), serving.max_model_len, constraint)
     serving.check_request(prompt_ids, params)
     serving.admit(1)
-    head = _Head(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), serving.model_name, params.logprobs is not None,
-                 parses_calls(tools))
+    head = _Head(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model, serving.fingerprint, body.service_tier,
+                 params.logprobs is not None, parses_calls(tools),
+                 bool(body.stream and body.stream_options and body.stream_options.include_usage))
     tally = UsageTally()
     deltas = serving.run(head.id, prompt_ids, params, tally)
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStreamResponse(_events(serving, head, deltas, tally, params.n, include_usage))
+        return EventStreamResponse(_events(serving, head, deltas, tally, params.n), headers)
+    response.headers.update(headers)
     choices = await until_disconnected(request, serving.collect(deltas, params.n))
-    return ChatCompletion(id=head.id, created=head.created, model=head.model,
-                          choices=[_choice(serving, head, c) for c in choices], usage=tally.to_usage())
+    return ChatCompletion(id=head.id, created=head.created, model=head.model, system_fingerprint=head.fingerprint,
+                          service_tier=head.service_tier, choices=[_choice(serving, head, c) for c in choices],
+                          usage=tally.to_usage(), prompt_logprobs=_prompt_logprobs(serving, body, choices))
+
+
+def _prompt_logprobs(serving: Serving, body: ChatCompletionRequest, choices: list[Choice]) -> PromptLogprobs | None:
+    """vLLM's top-level `prompt_logprobs` (the rendered prompt's tokens; not with stream: params.py)."""
+    if body.prompt_logprobs is None or choices[0].prompt_logprobs is None:
+        return None
+    return vllm_prompt_logprobs(choices[0].prompt_logprobs, body.prompt_logprobs, serving.token_text)
 
 
 def _choice(serving: Serving, head: _Head, c: Choice) -> ChatChoice:
@@ -71,9 +89,9 @@ def _choice(serving: Serving, head: _Head, c: Choice) -> ChatChoice:
 
 
 async def _events(serving: Serving, head: _Head, deltas: AsyncIterator[list[ChoiceDelta]], tally: UsageTally,
-                  n: int, include_usage: bool) -> AsyncIterator[str]:
+                  n: int) -> AsyncIterator[str]:
     """The role delta of every choice first (content "", or null when calls may follow), then content and
-    tool-call deltas, each choice's finish, usage, [DONE]."""
+    tool-call deltas, each choice's finish (a chunk with an empty delta, as OpenAI sends it), usage, [DONE]."""
     for i in range(n):
         yield sse(_chunk(head, ChatChunkChoice(index=i, delta=ChatDelta(role="assistant",
                                                                          content=None if head.tool_calls else ""),
@@ -89,15 +107,16 @@ async def _events(serving: Serving, head: _Head, deltas: AsyncIterator[list[Choi
         yield sse(_stream_error(exc))
         yield DONE
         return
-    if include_usage:
+    if head.include_usage:
         yield sse(_chunk(head, None, tally.to_usage()))
     yield DONE
 
 
 def _chunk_choices(serving: Serving, head: _Head, d: ChoiceDelta,
                    calls: StreamedToolCalls | None) -> list[ChatChunkChoice]:
-    """One step of one choice as chunks: its deltas, the step's logprobs and finish reason on the last one (an empty
-    delta carries them when the text is held back, e.g. inside a call's closing tag)."""
+    """One step of one choice as chunks: its deltas, with the step's logprobs on the last one; when the choice ends,
+    then a chunk with an empty delta and the finish reason (which also carries the logprobs if the step's text was
+    held back, e.g. inside a call's closing tag)."""
     finished = d.finish_reason is not None
     if calls is None:
         deltas = [ChatDelta(content=d.text)] if d.text else []
@@ -106,17 +125,26 @@ def _chunk_choices(serving: Serving, head: _Head, d: ChoiceDelta,
     logprobs = chat_logprobs(d.logprobs, serving.token_text) if head.logprobs else None
     if not deltas and not finished and logprobs is None:
         return []
-    reason = finish_reason(d.finish_reason, calls is not None and calls.made_calls(d.index))
-    out = [ChatChunkChoice(index=d.index, delta=delta, logprobs=None, finish_reason=None) for delta in deltas[:-1]]
-    return out + [ChatChunkChoice(index=d.index, delta=deltas[-1] if deltas else ChatDelta(), logprobs=logprobs,
-                                  finish_reason=reason)]
+    out = [ChatChunkChoice(index=d.index, delta=delta, logprobs=None, finish_reason=None) for delta in deltas]
+    if out:
+        out[-1].logprobs = logprobs
+    elif not finished:  # text held back: an empty delta carries the step's logprobs
+        out.append(ChatChunkChoice(index=d.index, delta=ChatDelta(), logprobs=logprobs, finish_reason=None))
+    if finished:
+        reason = finish_reason(d.finish_reason, calls is not None and calls.made_calls(d.index))
+        out.append(ChatChunkChoice(index=d.index, delta=ChatDelta(), logprobs=None if out else logprobs,
+                                   finish_reason=reason))
+    return out
 
 
 def _chunk(head: _Head, choice: ChatChunkChoice | None, usage: Usage | None = None) -> ChatCompletionChunk:
-    """A chunk with every field set explicitly (sse() drops unset ones: the delta's absent role/content)."""
+    """A chunk with every field set explicitly (sse() drops unset ones: the delta's absent role/content); with
+    include_usage, `usage` is on every chunk, null but on the last (OpenAI's shape)."""
     chunk = ChatCompletionChunk(id=head.id, object="chat.completion.chunk", created=head.created, model=head.model,
-                                choices=[choice] if choice else [])
-    if usage is not None:
+                                system_fingerprint=head.fingerprint, choices=[choice] if choice else [])
+    if head.service_tier is not None:
+        chunk.service_tier = head.service_tier
+    if head.include_usage:
         chunk.usage = usage
     return chunk
 

@@ -1,9 +1,11 @@
-"""Engine `TokenLogprob`s -> OpenAI's two logprob shapes (chat's `content` list, completions' parallel lists)."""
+"""Engine `TokenLogprob`s -> OpenAI's two logprob shapes (chat's `content` list, completions' parallel lists), an
+echoed prompt's part of the completions shape, and vLLM's `prompt_logprobs`."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from freehold.server.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from freehold.server.protocol import (ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, PromptLogprob,
+                                      PromptLogprobs, TopLogprob)
 from freehold.types import TokenLogprob
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf; a masked token (logit_bias -100, min_tokens) reports this instead
@@ -32,6 +34,46 @@ def completion_logprobs(logprobs: Sequence[TokenLogprob], token_text: TokenText,
         out.top_logprobs.append({token_text(t): _finite(value) for t, value in lp.top})
         out.text_offset.append(text_offset)
         text_offset += len(token)
+    return out
+
+
+def echo_logprobs(prompt_ids: Sequence[int], prompt_logprobs: Sequence[TokenLogprob | None], k: int,
+                  token_text: TokenText) -> CompletionLogprobs:
+    """An echoed prompt's tokens in the completions shape: the first has no context, so its logprob and top are
+    null (as OpenAI's); the others keep their top-k. text_offset counts from the start of the prompt."""
+    out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    text_offset = 0
+    for token_id, lp in zip(prompt_ids, prompt_logprobs):
+        token = token_text(token_id)
+        out.tokens.append(token)
+        out.token_logprobs.append(None if lp is None else _finite(lp.logprob))
+        out.top_logprobs.append(None if lp is None else {token_text(t): _finite(value) for t, value in lp.top[:k]})
+        out.text_offset.append(text_offset)
+        text_offset += len(token)
+    return out
+
+
+def joined(first: CompletionLogprobs, then: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(tokens=first.tokens + then.tokens,
+                              token_logprobs=first.token_logprobs + then.token_logprobs,
+                              top_logprobs=first.top_logprobs + then.top_logprobs,
+                              text_offset=first.text_offset + then.text_offset)
+
+
+def vllm_prompt_logprobs(prompt_logprobs: Sequence[TokenLogprob | None], k: int,
+                         token_text: TokenText) -> PromptLogprobs:
+    """vLLM's shape: per prompt token null (the first) or {token id: {logprob, rank, decoded_token}} for the prompt
+    token and the top-k alternatives (the prompt token first, as vLLM lists it)."""
+    out: PromptLogprobs = []
+    for lp in prompt_logprobs:
+        if lp is None:
+            out.append(None)
+            continue
+        entry = {str(lp.token_id): PromptLogprob(logprob=_finite(lp.logprob), rank=lp.rank,
+                                                 decoded_token=token_text(lp.token_id))}
+        for rank, (t, value) in enumerate(lp.top[:k], start=1):
+            entry.setdefault(str(t), PromptLogprob(logprob=_finite(value), rank=rank, decoded_token=token_text(t)))
+        out.append(entry)
     return out
 
 

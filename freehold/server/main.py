@@ -5,11 +5,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import socket
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 import uvicorn
@@ -22,6 +24,8 @@ from freehold.models.locate import DEFAULT_MODEL_NAME
 from freehold.server.app import create_app
 from freehold.server.connections import (connections_that_fit, install_log_rate_limit, protocol_class,
                                          raise_open_file_limit)
+from freehold.server.cors import (DEFAULT_HEADERS, DEFAULT_METHODS, CorsPolicy, check_header, check_method,
+                                  check_origin, split_list)
 from freehold.server.limits import ServerLimits
 from freehold.server.serving import Serving
 from freehold.server.shutdown import DrainingServer
@@ -60,6 +64,13 @@ def _non_negative_int(text: str) -> int:
     return 0 if text.strip() == "0" else _positive_int(text)
 
 
+def _template_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read the chat template {path!r}: {exc}") from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -73,8 +84,15 @@ def _positive_int(text: str) -> int:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help=f"GGUF file or Hugging Face model directory (default: {DEFAULT_MODEL_NAME})")
-    parser.add_argument("--served-model-name", default=None,
-                        help="the name clients pass as `model` (default: the model's file or directory name)")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="the names clients may pass as `model`; responses use the one asked for, the first "
+                             "when none is given (default: the model's file or directory name)")
+    parser.add_argument("--chat-template", type=_template_file, default=None, metavar="FILE",
+                        help="a Jinja chat template file to use instead of the model's own")
+    parser.add_argument("--strict-api", action="store_true",
+                        help="refuse request fields no OpenAI or vLLM document defines (a 400 naming the field); "
+                             "by default they are ignored, logged, and listed in the response header "
+                             "X-Freehold-Ignored-Fields")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, local only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--api-key", default=None,
@@ -98,6 +116,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: 256)")
     parser.add_argument("--no-prefix-cache", action="store_true", help="disable prefix caching")
     _add_limit_arguments(parser.add_argument_group("limits (what one client may cost the server)"))
+    _add_cors_arguments(parser.add_argument_group(
+        "browser access (CORS)", "Off by default: pages on other origins cannot read responses. A local server "
+        "without an API key, open to every page a user visits, could be driven by any website, so the origins "
+        "are named here (or * chosen knowingly). Values are comma-separated, and each flag may be repeated."))
 
 
 def _add_limit_arguments(group: argparse._ArgumentGroup) -> None:
@@ -132,6 +154,40 @@ def _add_limit_arguments(group: argparse._ArgumentGroup) -> None:
                                                f"and [DONE]) (default: {d.shutdown_grace_s:g})")
 
 
+def _add_cors_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--allowed-origins", type=_list_of(check_origin), action="extend", default=None,
+                       metavar="ORIGIN[,ORIGIN...]",
+                       help="web origins whose pages may call the API from a browser, as the browser sends them "
+                            "(e.g. http://localhost:3000); * allows every page (then set --api-key). The preflight "
+                            "is answered without the API key, the request itself still needs it (default: none)")
+    group.add_argument("--allowed-methods", type=_list_of(check_method, str.upper), action="extend", default=None,
+                       metavar="METHOD[,METHOD...]",
+                       help=f"methods those pages may use; * for any (default: {','.join(DEFAULT_METHODS)})")
+    group.add_argument("--allowed-headers", type=_list_of(check_header), action="extend", default=None,
+                       metavar="HEADER[,HEADER...]",
+                       help="request headers those pages may send; * for any (default: *, since the OpenAI SDKs "
+                            "send their own x-stainless-* headers besides Authorization and Content-Type)")
+
+
+def _list_of(check: Callable[[str], str], normalize: Callable[[str], str] = str) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        try:
+            return [check(normalize(item)) for item in split_list(text)]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
+
+
+def cors_policy(args: argparse.Namespace) -> CorsPolicy | None:
+    """The CORS policy of the flags; None (no CORS headers) without --allowed-origins."""
+    if not args.allowed_origins:
+        if args.allowed_methods or args.allowed_headers:
+            raise ValueError("--allowed-methods and --allowed-headers need --allowed-origins")
+        return None
+    return CorsPolicy(tuple(args.allowed_origins), tuple(args.allowed_methods or DEFAULT_METHODS),
+                      tuple(args.allowed_headers or DEFAULT_HEADERS))
+
+
 def server_limits(args: argparse.Namespace, open_file_limit: int) -> ServerLimits:
     max_connections = connections_that_fit(args.max_connections, open_file_limit)
     if max_connections < args.max_connections:
@@ -149,6 +205,11 @@ def serve(args: argparse.Namespace) -> int:
     """Run the server until interrupted; returns the process exit code."""
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
+        cors = cors_policy(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         sock = _bind(args.host, args.port)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
@@ -159,18 +220,22 @@ def serve(args: argparse.Namespace) -> int:
         sock.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    name = args.served_model_name or _default_name(args.model)
+    names = args.served_model_name or [_default_name(args.model)]
+    name = names[0]
     limits = server_limits(args, raise_open_file_limit())
     install_log_rate_limit()
+    _log_to_stderr()
     engine = AsyncEngine(llm.engine)
-    serving = Serving(engine, llm.tokenizer, name, args.max_waiting, limits)
-    app = create_app(serving, api_key)
+    serving = Serving(engine, llm.tokenizer, names, args.max_waiting, limits, fingerprint=llm.fingerprint(),
+                      strict_api=args.strict_api)
+    app = create_app(serving, api_key, cors)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(llm.describe())
     print(f"serving {name!r} at http://{host}:{sock.getsockname()[1]}/v1"
           f"{' (API key required)' if api_key else ''}", flush=True)
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host} without an API key", file=sys.stderr)
+    _report_cors(cors, api_key)
     config = uvicorn.Config(app, log_level="warning", access_log=False, http=protocol_class(limits),
                             timeout_keep_alive=limits.keep_alive_timeout_s)
     try:
@@ -178,6 +243,15 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def _report_cors(cors: CorsPolicy | None, api_key: str | None) -> None:
+    if cors is None:
+        return
+    print(f"browser pages from {', '.join(cors.allowed_origins)} may call the API (CORS)", flush=True)
+    if cors.allows_any_origin and not api_key:
+        print("warning: --allowed-origins * without an API key: any web page a user opens can use this server",
+              file=sys.stderr)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -203,7 +277,17 @@ def _load(args: argparse.Namespace):
     if args.no_prefix_cache:
         options["enable_prefix_caching"] = False
     return LLM(args.model, dtype=DTYPES[args.dtype], device=args.device, weights=WeightMode(args.weights),
-               progress=sys.stderr.isatty(), **options)
+               progress=sys.stderr.isatty(), chat_template=args.chat_template, **options)
+
+
+def _log_to_stderr() -> None:
+    """The server's own log (ignored fields, request metadata) at INFO on stderr; uvicorn keeps its own."""
+    logger = logging.getLogger("freehold")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _default_name(model: str | None) -> str:

@@ -5,6 +5,8 @@ the protocol knows: unsupported fields, field combinations, and the context budg
 """
 from __future__ import annotations
 
+import json
+import logging
 import re
 from typing import Any
 
@@ -13,12 +15,14 @@ from freehold.errors import InvalidRequestError
 from freehold.server.errors import APIError
 from freehold.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields,
                                       unsupported_fields)
+from freehold.tokenizer import TemplateOptions
 from freehold.types import SamplingParams
 
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 64
 _SEED_RANGE = (-(2**63), 2**63 - 1)
 _LEGACY_FUNCTIONS = {"functions": "tools", "function_call": "tool_choice"}
+log = logging.getLogger("freehold.server")
 
 
 def check_supported(request: SamplingFields) -> None:
@@ -27,13 +31,36 @@ def check_supported(request: SamplingFields) -> None:
         _reject_if_set(name, getattr(request, name), name)
     if isinstance(request, ChatCompletionRequest):
         _reject_legacy_functions(request)
+        if request.modalities is not None and set(request.modalities) - {"text"}:
+            raise InvalidRequestError("only the 'text' modality is supported", param="modalities")
         for i, message in enumerate(request.messages):
             _check_message(message, f"messages[{i}]")
     if isinstance(request, CompletionRequest):
-        if request.best_of is not None and request.best_of != (request.n or 1):
-            raise InvalidRequestError("best_of is not supported (only best_of equal to n)", param="best_of")
+        _check_legacy_completion_fields(request)
+    if request.prompt_logprobs is not None and request.stream and isinstance(request, ChatCompletionRequest):
+        raise InvalidRequestError("prompt_logprobs is not supported with stream on chat completions",
+                                  param="prompt_logprobs")
     if request.stream_options is not None and not request.stream:
         raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
+
+
+def _check_legacy_completion_fields(request: CompletionRequest) -> None:
+    """`suffix` (insertion) is not implemented; `best_of` samples best_of >= n completions and keeps the n best,
+    which needs every sample finished first, so not with stream (as OpenAI)."""
+    if request.suffix is not None:
+        raise InvalidRequestError("'suffix' is not supported by Freehold (no insertion / fill-in-the-middle)",
+                                  param="suffix")
+    n = request.n or 1
+    if request.best_of is not None and request.best_of < n:
+        raise InvalidRequestError(f"best_of must be >= n, got best_of={request.best_of} and n={n}", param="best_of")
+    if request.best_of is not None and request.best_of > n and request.stream:
+        raise InvalidRequestError("best_of cannot be used with stream", param="best_of")
+
+
+def log_metadata(request: SamplingFields) -> None:
+    """OpenAI's `metadata` (string pairs for the caller's own bookkeeping) goes to the server log, nowhere else."""
+    if request.metadata:
+        log.info("request metadata: %s", json.dumps(request.metadata, ensure_ascii=False)[:2000])
 
 
 def chat_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -41,6 +68,19 @@ def chat_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
     if not request.messages:
         raise InvalidRequestError("messages must contain at least one message", param="messages")
     return [_message_dict(m, f"messages[{i}]") for i, m in enumerate(request.messages)]
+
+
+def template_options(request: ChatCompletionRequest) -> TemplateOptions:
+    """How to render the chat: vLLM's add_generation_prompt / continue_final_message / chat_template_kwargs, and
+    OpenAI's reasoning_effort as a template variable (templates of reasoning models read it)."""
+    variables = dict(request.chat_template_kwargs or {})
+    if request.reasoning_effort is not None:
+        variables.setdefault("reasoning_effort", request.reasoning_effort)
+    add_generation_prompt = request.add_generation_prompt
+    if add_generation_prompt is None:  # continuing a message implies no new turn
+        add_generation_prompt = not request.continue_final_message
+    return TemplateOptions(add_generation_prompt=add_generation_prompt,
+                           continue_final_message=bool(request.continue_final_message), variables=variables)
 
 
 def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
@@ -83,6 +123,8 @@ def sampling_params(request: ChatCompletionRequest | CompletionRequest, num_prom
         return _make_params(request, max_tokens, constraint)
     except InvalidRequestError as exc:  # name the field as this endpoint spells it
         renamed = {"max_tokens": max_tokens_param}
+        if isinstance(request, CompletionRequest) and request.best_of is not None:
+            renamed["n"] = "best_of"  # the engine draws best_of samples
         if isinstance(request, ChatCompletionRequest):
             renamed["logprobs"] = "top_logprobs"
         raise InvalidRequestError(str(exc), param=renamed.get(exc.param or "", exc.param)) from exc
@@ -106,7 +148,8 @@ def _make_params(r: ChatCompletionRequest | CompletionRequest, max_tokens: int,
         stop=_stop(r.stop),
         ignore_eos=bool(r.ignore_eos),
         logprobs=_logprobs(r),
-        n=_default(r.n, 1),
+        n=_num_samples(r),
+        prompt_logprobs=_prompt_logprobs(r),
         constraint=constraint,
     )
 
@@ -138,6 +181,8 @@ def _message_dict(m: ChatMessage, where: str) -> dict[str, Any]:
         out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
     if m.tool_call_id is not None:
         out["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        out["name"] = m.name
     return out
 
 
@@ -214,8 +259,30 @@ def _check_text(text: str, param: str) -> None:
                                   f"character {exc.start}: not valid Unicode text", param=param) from None
 
 
+def _num_samples(request: ChatCompletionRequest | CompletionRequest) -> int:
+    """Completions with best_of: best_of samples, of which the route keeps the n best."""
+    if isinstance(request, CompletionRequest) and request.best_of is not None:
+        return request.best_of
+    return _default(request.n, 1)
+
+
+def _prompt_logprobs(request: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """vLLM's prompt_logprobs; completions' echo with logprobs needs the prompt's too (echo with max_tokens 0 and
+    no logprobs runs the prefill alone, which asks for them with k = 0); the engine computes the larger k."""
+    if request.prompt_logprobs is not None and request.prompt_logprobs < 0:
+        raise InvalidRequestError(f"prompt_logprobs must be >= 0, got {request.prompt_logprobs}",
+                                  param="prompt_logprobs")
+    wanted = [request.prompt_logprobs]
+    if isinstance(request, CompletionRequest) and request.echo:
+        wanted.append(request.logprobs if request.logprobs is not None or request.max_tokens != 0 else 0)
+    ks = [k for k in wanted if k is not None]
+    return max(ks) if ks else None
+
+
 def _logprobs(request: ChatCompletionRequest | CompletionRequest) -> int | None:
     if isinstance(request, CompletionRequest):
+        if request.logprobs is None and (request.best_of or 1) > (request.n or 1):
+            return 0  # best_of ranks the samples by their tokens' mean logprob
         return request.logprobs
     if request.top_logprobs is not None and not request.logprobs:
         raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")

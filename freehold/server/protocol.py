@@ -1,8 +1,9 @@
-"""The OpenAI protocol as pydantic models: request bodies (strict types, unknown fields forbidden) and responses.
+"""The OpenAI protocol as pydantic models: request bodies (strict types) and responses.
 
-Request models accept every field Freehold implements. Fields of the OpenAI API that Freehold does not implement
-are declared too (so the error can name them) and rejected with a 400 unless they hold a neutral value
-(see `freehold.server.params.check_supported`).
+Request models declare every field Freehold implements, the documented fields it accepts without effect on the
+output, and the documented fields it cannot honour (rejected with a 400 unless they hold a neutral value: see
+`freehold.server.params.check_supported`). Fields nobody documents are collected, not refused: the request goes on
+without them and the response lists them (`freehold.server.compat`), unless the server runs with --strict-api.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ UNSUPPORTED = "Not supported by Freehold: a request that sets it is rejected wit
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)  # extras: see freehold.server.compat
 
 
 _UNSUPPORTED_MARK = "x-freehold-unsupported"
@@ -64,9 +65,9 @@ class ChatMessage(_Strict):
                                                                       "with tool_calls")
     tool_calls: list[MessageToolCall] | None = Field(None, description="assistant messages: the calls made")
     tool_call_id: str | None = Field(None, description="tool messages: the id of the call this is the result of")
-    name: str | None = _unsupported()
+    name: str | None = Field(None, description="the speaker's name, passed to the chat template")
     function_call: Any = _unsupported()
-    refusal: Any = _unsupported()
+    refusal: str | None = Field(None, description="an assistant message's refusal text (history): accepted, not shown")
     audio: Any = _unsupported()
 
 
@@ -116,7 +117,7 @@ class NamedToolChoice(_Strict):
 class SamplingFields(_Strict):
     """Sampling fields shared by both endpoints (OpenAI's plus vLLM's `top_k`, `min_p`, ... extensions)."""
 
-    model: str
+    model: str | None = Field(None, description="one of the served names (GET /v1/models); absent: the served model")
     temperature: float | None = Field(None, description="0 is greedy; default 1")
     top_p: float | None = None
     top_k: int | None = Field(None, description="-1 or null: all tokens")
@@ -133,6 +134,8 @@ class SamplingFields(_Strict):
     user: str | None = Field(None, description="accepted for compatibility; recorded nowhere")
     ignore_eos: bool | None = None
     min_tokens: int | None = None
+    prompt_logprobs: int | None = Field(None, description="vLLM: each prompt token's logprob and the top-k "
+                                                          "alternatives, 0-20 (`prompt_logprobs` in the response)")
     # structured outputs: at most one of these (see freehold.server.structured)
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | str | None = Field(None, description="vLLM: a JSON Schema the output must match")
@@ -140,10 +143,10 @@ class SamplingFields(_Strict):
     guided_grammar: str | None = Field(None, description="vLLM: an EBNF (GBNF) grammar with a `root` rule")
     guided_choice: list[str] | None = Field(None, description="vLLM: the output is exactly one of these strings")
     structured_outputs: StructuredOutputs | None = None
-    # not implemented
-    service_tier: Any = _unsupported()
-    store: Any = _unsupported()
-    metadata: Any = _unsupported()
+    # accepted, with no effect on the output
+    service_tier: str | None = Field(None, description="accepted and echoed; every request is served alike")
+    store: bool | None = Field(None, description="accepted; Freehold stores no completions")
+    metadata: dict[str, str] | None = Field(None, description="accepted and written to the server log")
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -158,11 +161,20 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = Field(None, description="default true: any number of calls in one turn")
     functions: Any = Field(None, description="deprecated by OpenAI: rejected with a 400 (use tools)")
     function_call: Any = Field(None, description="deprecated by OpenAI: rejected with a 400 (use tool_choice)")
+    # vLLM's chat template controls
+    add_generation_prompt: bool | None = Field(None, description="vLLM: end the prompt with the assistant header "
+                                                                 "(default true)")
+    continue_final_message: bool | None = Field(None, description="vLLM: continue the last message (prefill) instead "
+                                                                  "of starting a new one")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM: extra variables for the chat "
+                                                                          "template")
+    reasoning_effort: str | None = Field(None, description="passed to the chat template as `reasoning_effort` (a "
+                                                           "template that does not read it ignores it)")
+    prediction: Any = Field(None, description="OpenAI's predicted output: accepted; the output does not depend "
+                                              "on it")
+    modalities: list[str] | None = Field(None, description="only [\"text\"]")
     # not implemented
     audio: Any = _unsupported()
-    modalities: Any = _unsupported()
-    prediction: Any = _unsupported()
-    reasoning_effort: Any = _unsupported()
     web_search_options: Any = _unsupported()
 
 
@@ -173,10 +185,11 @@ class CompletionRequest(SamplingFields):
     prompt: PromptInput = Field(description="a string, a list of strings, a list of token ids, or a list of those")
     max_tokens: int | None = Field(16, description="null: the rest of the context")
     logprobs: int | None = Field(None, description="number of alternatives per token, 0-20")
-    # not implemented
-    echo: Any = _unsupported()
-    suffix: Any = _unsupported()
-    best_of: Any = Field(None, description="only null or equal to n")
+    echo: bool | None = Field(None, description="prepend the prompt to each choice's text (and its tokens to "
+                                                "logprobs); with max_tokens 0, only the prompt is scored")
+    best_of: int | None = Field(None, description="generate best_of samples, return the n with the highest mean "
+                                                  "token logprob (not with stream)")
+    suffix: Any = Field(None, description="not supported: a request that sets it is rejected with a 400")
 
 
 # ---- responses ----------------------------------------------------------------------------------------------------
@@ -237,8 +250,11 @@ class ChatCompletion(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str
+    service_tier: str | None = None
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's: the prompt is shared by every choice
 
 
 class DeltaFunctionCall(BaseModel):
@@ -273,15 +289,28 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str
+    service_tier: str | None = None
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)  # null: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's `Logprob`: one entry of a prompt position's {token id: ...} map."""
+
+    logprob: float
+    rank: int | None  # 1 = the most likely token
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]  # one per prompt token, null for the first
 
 
 class CompletionChoice(BaseModel):
@@ -289,6 +318,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"] | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, per choice
 
 
 class Completion(BaseModel):
@@ -296,6 +326,7 @@ class Completion(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from freehold.server.errors import APIError, error_response
+from freehold.server.errors import error_response
 from freehold.server.metrics import CONTENT_TYPE
 from freehold.server.protocol import ErrorResponse, ModelCard, ModelList
 from freehold.server.serving import Serving
@@ -16,18 +16,18 @@ def _serving(request: Request) -> Serving:
     return request.app.state.serving
 
 
+@router.get("/models", response_model=ModelList, include_in_schema=False)  # base URL without /v1
 @router.get("/v1/models", response_model=ModelList, summary="The model this server serves")
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=[_card(_serving(request))])
+    serving = _serving(request)
+    return ModelList(data=[_card(serving, name) for name in serving.model_names])
 
 
+@router.get("/models/{model_id:path}", response_model=ModelCard, include_in_schema=False)
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
 async def get_model(model_id: str, request: Request) -> ModelCard:
     serving = _serving(request)
-    if model_id != serving.model_name:
-        raise APIError(404, f"model {model_id!r} is not served here; this server serves {serving.model_name!r}",
-                       param="model", code="model_not_found")
-    return _card(serving)
+    return _card(serving, serving.check_model(model_id))
 
 
 @router.get("/health", summary="200 while the engine steps; 503 when its thread died or a step is stuck",
@@ -60,5 +60,5 @@ async def engine_state(request: Request) -> dict[str, float | int]:
             "num_preemptions": s.num_preemptions}
 
 
-def _card(serving: Serving) -> ModelCard:
-    return ModelCard(id=serving.model_name, created=serving.created, max_model_len=serving.max_model_len)
+def _card(serving: Serving, name: str) -> ModelCard:
+    return ModelCard(id=name, created=serving.created, max_model_len=serving.max_model_len)

@@ -16,8 +16,11 @@ from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 from freehold.constrain.compiler import ConstraintCompiler
 from freehold.constrain.spec import Constraint
+from pydantic import BaseModel
+
 from freehold.engine.async_engine import AsyncEngine
 from freehold.errors import InvalidRequestError
+from freehold.server.compat import ignored_fields_headers, pop_unknown_fields
 from freehold.server.errors import APIError, QueueFullError, ServerShuttingDownError
 from freehold.server.limits import PromptLengthBound, ServerLimits
 from freehold.server.metrics import ServerMetrics
@@ -25,7 +28,7 @@ from freehold.server.protocol import PromptTokensDetails, Usage
 from freehold.server.structured import RequestedConstraint
 from freehold.server.workers import GrammarCompiles
 from freehold.text_stream import TextStream, fold_output
-from freehold.tokenizer import Tokenizer
+from freehold.tokenizer import TemplateOptions, Tokenizer
 from freehold.types import CompletionOutput, FinishReason, RequestOutput, SamplingParams, TokenLogprob
 
 T = TypeVar("T")
@@ -39,6 +42,7 @@ class ChoiceDelta:
     text: str
     logprobs: list[TokenLogprob]
     finish_reason: FinishReason | None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # the request's prompt logprobs, on one delta
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Choice:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -64,13 +69,17 @@ class UsageTally:
 
 
 class Serving:
-    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, max_waiting: int | None,
-                 limits: ServerLimits | None = None):
+    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_names: str | Sequence[str],
+                 max_waiting: int | None, limits: ServerLimits | None = None, fingerprint: str = "fh",
+                 strict_api: bool = False):
         self.engine = engine
         self.limits = limits or ServerLimits()
+        self.model_names = (model_names,) if isinstance(model_names, str) else tuple(model_names)
+        self.fingerprint = fingerprint  # system_fingerprint: what was served (version, weights, KV dtype)
+        self.strict_api = strict_api  # unknown request fields are 400s instead of ignored (freehold.server.compat)
         self.closing = False  # set when shutdown begins: new requests get 503
         self.tokenizer = tokenizer
-        self.model_name = model_name
+        self.model_name = self.model_names[0]
         self.max_model_len = engine.engine.max_model_len
         self.max_waiting = max_waiting
         self.num_pending = 0  # requests whose engine request has produced no token yet
@@ -84,28 +93,43 @@ class Serving:
         self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="freehold-tokenize")
 
     # -- before a request starts ----------------------------------------------------------------------------
-    def check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise APIError(400, f"model {model!r} is not served here; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+    def check_model(self, model: str | None) -> str:
+        """The name to answer with: the requested one if it is served (any alias), the first served name if none
+        was given; OpenAI's 404 model_not_found for any other."""
+        if model is None:
+            return self.model_name
+        if model not in self.model_names:
+            raise APIError(404, f"the model {model!r} does not exist here; this server serves "
+                           f"{', '.join(map(repr, self.model_names))}", param="model", code="model_not_found")
+        return model
 
-    async def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def check_fields(self, body: BaseModel) -> dict[str, str]:
+        """Drop the request's unknown fields (400 under --strict-api); the response headers that list them."""
+        return ignored_fields_headers(pop_unknown_fields(body, self.strict_api))
+
+    async def encode_chat(self, messages: list[dict], tools: list[dict] | None = None,
+                          options: TemplateOptions | None = None) -> list[int]:
         """The chat prompt's ids (`tools` for a template that renders them); PromptTooLongError first, without
         tokenizing, if the rendered text cannot fit (the template may trim or drop content, so the bound reads what
         it renders)."""
         def encode() -> list[int]:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, options=options)
             self.prompt_bound.check([text], self.max_model_len)
             return self.tokenizer.encode(text, add_special_tokens=False)
         return await self._off_loop(encode)
 
-    async def encode_prompts(self, prompts: Sequence[str | list[int]]) -> list[list[int]]:
+    async def encode_prompts(self, prompts: Sequence[str | list[int]],
+                             add_special_tokens: bool = True) -> list[list[int]]:
         def encode() -> list[list[int]]:
             for p in prompts:
                 if isinstance(p, str):
                     self.prompt_bound.check([p], self.max_model_len)
-            return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+            return [self.tokenizer.encode(p, add_special_tokens) if isinstance(p, str) else list(p) for p in prompts]
         return await self._off_loop(encode)
+
+    async def on_tokenizer_threads(self, fn: Callable[[], T]) -> T:
+        """Run other tokenizer work (decoding, token spellings) on the tokenizer threads, off the event loop."""
+        return await self._off_loop(fn)
 
     async def compile_constraint(self, requested: RequestedConstraint | None) -> Constraint | None:
         """Compile a structured-output constraint on the compile pool (a large schema can take seconds, and neither
@@ -158,7 +182,10 @@ class Serving:
                     if progress.first_token_at is None:
                         self._on_first_output(progress, out)
                     deltas = [self._absorb(progress, o) for o in out.outputs if o.index not in progress.finished]
-                    deltas = [d for d in deltas if d.text or d.logprobs or d.finish_reason is not None]
+                    for d in deltas:  # each choice (completion) of the request shares the prompt
+                        d.prompt_logprobs = out.prompt_logprobs
+                    deltas = [d for d in deltas if d.text or d.logprobs or d.finish_reason is not None
+                              or d.prompt_logprobs is not None]
                     if deltas:
                         yield deltas
                     if len(progress.finished) == params.n:
@@ -177,6 +204,7 @@ class Serving:
                     choice.text += d.text
                     choice.logprobs += d.logprobs
                     choice.finish_reason = d.finish_reason or choice.finish_reason
+                    choice.prompt_logprobs = d.prompt_logprobs or choice.prompt_logprobs
         return choices
 
     # -- private --------------------------------------------------------------------------------------------

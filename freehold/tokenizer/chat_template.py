@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +23,26 @@ CHATML_TEMPLATE = (
 )
 
 
+# the variables a render sets itself; `TemplateOptions.variables` may not replace them
+RESERVED_VARIABLES = frozenset({"messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token",
+                                "unk_token", "pad_token", "raise_exception", "strftime_now", "tojson"})
+
+
+@dataclass(frozen=True)
+class TemplateOptions:
+    """How to render a conversation (transformers' and vLLM's names).
+
+    add_generation_prompt: end with the header of a new assistant turn, so the model writes the reply.
+    continue_final_message: end inside the last message instead (no end-of-turn after it), so the model continues
+        it: a prefill. Exclusive with add_generation_prompt.
+    variables: extra template variables (vLLM's chat_template_kwargs, e.g. {"enable_thinking": false}).
+    """
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    variables: Mapping[str, Any] = field(default_factory=dict)
+
+
 class ChatTemplate:
     """A compiled chat template. `render` turns OpenAI-style messages into the prompt text."""
 
@@ -34,16 +55,47 @@ class ChatTemplate:
             raise ModelLoadError(f"the model's chat template does not compile: {e}") from e
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-               tools: list[dict] | None = None) -> str:
-        """The prompt text. Raises InvalidRequestError when the template rejects the messages."""
-        variables = {**self._special_tokens, "messages": [_plain_message(m) for m in messages], "tools": tools,
-                     "documents": None, "add_generation_prompt": add_generation_prompt}
+               tools: list[dict] | None = None, options: TemplateOptions | None = None) -> str:
+        """The prompt text. Raises InvalidRequestError when the template rejects the messages. `options`, when
+        given, replaces `add_generation_prompt` and adds continue_final_message and extra variables."""
+        options = options or TemplateOptions(add_generation_prompt=add_generation_prompt)
+        _check_options(options)
+        plain = [_plain_message(m) for m in messages]
+        variables = {**options.variables, **self._special_tokens, "messages": plain, "tools": tools,
+                     "documents": None, "add_generation_prompt": options.add_generation_prompt}
         try:
-            return self._template.render(**variables)
+            text = self._template.render(**variables)
         except jinja2.TemplateError as e:  # includes SecurityError and raise_exception(...)
             raise _render_error(str(e)) from e
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
             raise _render_error(f"{type(e).__name__}: {e}") from e
+        return _cut_after_final_message(text, plain) if options.continue_final_message else text
+
+
+def _check_options(options: TemplateOptions) -> None:
+    if options.add_generation_prompt and options.continue_final_message:
+        raise InvalidRequestError("add_generation_prompt and continue_final_message cannot both be true: set "
+                                  "add_generation_prompt to false to continue the last message",
+                                  param="continue_final_message")
+    for name in options.variables:
+        if name in RESERVED_VARIABLES:
+            raise InvalidRequestError(f"chat_template_kwargs cannot set {name!r}: the request sets it",
+                                      param=f"chat_template_kwargs.{name}")
+
+
+def _cut_after_final_message(text: str, messages: list[dict[str, Any]]) -> str:
+    """The render up to the end of the last message's content, as transformers does for continue_final_message:
+    whatever the template writes after it (end-of-turn tokens) goes, so generation continues the message.
+    Trailing whitespace of the content is not kept either, since templates often strip it."""
+    content = messages[-1].get("content") if messages else None
+    if not isinstance(content, str) or not content.strip():
+        raise InvalidRequestError("continue_final_message needs a last message with text to continue",
+                                  param="continue_final_message")
+    end = text.rfind(content.strip())
+    if end < 0:
+        raise InvalidRequestError("continue_final_message: the chat template does not write the last message's "
+                                  "text verbatim, so it cannot be continued", param="continue_final_message")
+    return text[:end + len(content.strip())]
 
 
 def _render_error(reason: str) -> InvalidRequestError:

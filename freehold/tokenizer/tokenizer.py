@@ -8,7 +8,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from freehold.tokenizer.chat_template import CHATML_TEMPLATE, ChatTemplate
+from freehold.tokenizer.chat_template import CHATML_TEMPLATE, ChatTemplate, TemplateOptions
 from freehold.tokenizer.gguf_builder import load_gguf
 from freehold.tokenizer.hf_dir import load_hf_dir
 from freehold.tokenizer.special import SpecialTokens
@@ -23,6 +23,13 @@ class Tokenizer:
         self.special = special
         self.has_chat_template = chat_template is not None
         self.chat_template = chat_template if chat_template is not None else CHATML_TEMPLATE
+
+    def use_chat_template(self, source: str) -> None:
+        """Render chats with `source` instead of the model's own template (`--chat-template`, as in vLLM and
+        llama.cpp). ModelLoadError if it does not compile; then nothing changes."""
+        compiled = ChatTemplate(source, self._template_tokens())
+        self.chat_template, self.has_chat_template = source, True
+        self.__dict__["_compiled_template"] = compiled  # replaces the cached_property's value
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
@@ -81,11 +88,12 @@ class Tokenizer:
 
     # ---- chat ----------------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[Mapping[str, Any]], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None) -> str:
+                            tools: list[dict] | None = None, options: TemplateOptions | None = None) -> str:
         """The prompt text for `messages` (OpenAI-style dicts; content a string or a list of text parts).
         Encode it with `add_special_tokens=False`, as transformers does, since templates write their own BOS.
         Raises InvalidRequestError if the template rejects the messages, ModelLoadError if it does not compile."""
-        return self._compiled_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        return self._compiled_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                              options=options)
 
     @cached_property
     def _compiled_template(self) -> ChatTemplate:

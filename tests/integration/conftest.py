@@ -1,7 +1,7 @@
 """Fixtures that start the real server (`python -m freehold.server.main`) as a subprocess on a free port.
 
 `server` is shared by the whole session (one model load); `keyed_server` is a second, tiny one with an API key,
-one sequence at a time and a waiting limit of one, for the auth and overload tests.
+one sequence at a time, a waiting limit of one and --strict-api, for the auth, overload and strict-API tests.
 """
 from __future__ import annotations
 
@@ -122,6 +122,6 @@ def server() -> Iterator[ServerProcess]:
 @pytest.fixture(scope="session")
 def keyed_server() -> Iterator[ServerProcess]:
     s = start_server("--kv-cache-memory", "64M", "--max-model-len", "1024", "--max-num-seqs", "1",
-                     "--max-waiting", "1", api_key=API_KEY)
+                     "--max-waiting", "1", "--strict-api", api_key=API_KEY)
     yield s
     stop_server(s)

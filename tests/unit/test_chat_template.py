@@ -6,7 +6,7 @@ import pytest
 from freehold.errors import FreeholdError, InvalidRequestError
 from freehold.models.locate import default_model_path
 from freehold.tokenizer import Tokenizer
-from freehold.tokenizer.chat_template import CHATML_TEMPLATE, ChatTemplate
+from freehold.tokenizer.chat_template import CHATML_TEMPLATE, ChatTemplate, TemplateOptions
 
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 TOKENS = {"bos_token": "<s>", "eos_token": "</s>"}
@@ -132,3 +132,48 @@ def test_trim_and_lstrip_blocks_like_transformers():
     source = ("{% for m in messages %}\n    {% if m['role'] == 'user' %}\n{{ m['content'] }}\n    {% endif %}\n"
               "{% endfor %}")
     assert _render(source, [{"role": "user", "content": "hi"}]) == "hi\n"
+
+
+# ---- options: add_generation_prompt, continue_final_message, extra variables (vLLM's request fields) ----------
+def test_continue_final_message_ends_inside_the_last_message(tokenizer):
+    messages = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "My favourite is "}]
+    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    cont = tokenizer.apply_chat_template(messages, options=TemplateOptions(False, True))
+    assert full.startswith(cont) and cont.endswith("My favourite is") and "<|im_end|>" in full[len(cont):]
+
+
+@pytest.mark.parametrize("messages, reason", [
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], "text to continue"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "abc"}], "verbatim"),
+])
+def test_continue_final_message_needs_text_the_template_writes(messages, reason):
+    hides_assistant = ChatTemplate("{% for m in messages %}{% if m.role != 'assistant' %}{{ m.content }}"
+                                   "{% endif %}{% endfor %}", {})
+    with pytest.raises(InvalidRequestError, match=reason) as err:
+        hides_assistant.render(messages, options=TemplateOptions(False, True))
+    assert err.value.param == "continue_final_message"
+
+
+def test_continue_and_generation_prompt_are_exclusive(tokenizer):
+    with pytest.raises(InvalidRequestError) as err:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], options=TemplateOptions(True, True))
+    assert err.value.param == "continue_final_message"
+
+
+def test_extra_variables_reach_the_template_but_cannot_replace_reserved_ones():
+    template = ChatTemplate("{{ 'think' if enable_thinking else 'plain' }}:{{ messages[0].name }}", {})
+    messages = [{"role": "user", "content": "x", "name": "alice"}]
+    assert template.render(messages, options=TemplateOptions(variables={"enable_thinking": True})) == "think:alice"
+    assert template.render(messages) == "plain:alice"
+    with pytest.raises(InvalidRequestError) as err:
+        template.render(messages, options=TemplateOptions(variables={"bos_token": "<x>"}))
+    assert err.value.param == "chat_template_kwargs.bos_token"
+
+
+def test_use_chat_template_replaces_the_models_template():
+    tok = Tokenizer.from_model_path(default_model_path())
+    tok.use_chat_template("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}")
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user]hi"
+    with pytest.raises(FreeholdError):
+        tok.use_chat_template("{% for %}")
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user]hi"  # a bad one changes nothing
