@@ -73,6 +73,30 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--modes", default="constrained,unconstrained", help="comma-separated")
     _add_eval_run_args(tl, "items of each category", "tools_CATEGORY")
 
+    rt = esub.add_parser("retrieval", help="BEIR folder: nDCG@10, Recall@100, MRR@10 for bm25, dense, hybrid")
+    rt.add_argument("--data", type=Path, required=True,
+                    help="a BEIR folder: corpus.jsonl, queries.jsonl, qrels/test.tsv")
+    rt.add_argument("--modes", default="bm25,dense,hybrid", help="comma-separated")
+    rt.add_argument("--store", type=Path, default=None,
+                    help="keep the built store in this folder (default: a temp dir); one already there is reused")
+    rt.add_argument("--embedding-model", default=None, help="sentence-transformers folder (default: all-MiniLM-L6-v2)")
+    rt.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for retrieval_NAME.json and .md")
+
+    ix = sub.add_parser("index", help="build a vector store from documents")
+    ixsub = ix.add_subparsers(dest="index_command", required=True)
+    ib = ixsub.add_parser("build", help="chunk, embed and index a BEIR corpus.jsonl or a folder of .txt/.md files")
+    ib.add_argument("--data", type=Path, required=True, help="corpus.jsonl (BEIR: _id, title, text) or a folder")
+    ib.add_argument("--out", type=Path, required=True, help="the store's folder (created; must not hold a store)")
+    ib.add_argument("--max-chunk-tokens", type=int, default=800)
+    ib.add_argument("--chunk-overlap-tokens", type=int, default=400)
+    ib.add_argument("--embedding-model", default=None, help="sentence-transformers folder (default: all-MiniLM-L6-v2)")
+    sr = sub.add_parser("search", help="ranked chunks of a store built by `freehold index build`")
+    sr.add_argument("store", type=Path)
+    sr.add_argument("query")
+    sr.add_argument("--mode", choices=["hybrid", "bm25", "dense"], default="hybrid")
+    sr.add_argument("-k", type=int, default=10, help="number of results")
+    sr.add_argument("--embedding-model", default=None, help="the folder the store was built with (default: MiniLM)")
+
     k = sub.add_parser("kv-plan", help="what fits: KV bytes/token, tokens and concurrent requests for a memory size")
     k.add_argument("model", nargs="?", default=None, help="GGUF, HF dir or config.json (default: the default model)")
     k.add_argument("--memory", default="8G", help="total memory for weights + KV, e.g. 24G")

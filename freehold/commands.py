@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import sys
 import time
@@ -19,7 +20,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def run(args: argparse.Namespace) -> int:
     handlers = {"generate": generate, "chat": chat, "eval": evaluate, "kv-plan": kv_plan,
-                "bench": bench, "inspect": inspect, "serve": serve}
+                "bench": bench, "inspect": inspect, "serve": serve, "index": index, "search": search}
     return handlers[args.command](args)
 
 
@@ -78,6 +79,8 @@ def evaluate(args: argparse.Namespace) -> int:
         return evaluate_structured(args)
     if args.eval_command == "tools":
         return evaluate_tools(args)
+    if args.eval_command == "retrieval":
+        return evaluate_retrieval(args)
     from freehold.engine.memory import create_kv_cache
     from freehold.eval.ppl import default_text, perplexity
     from freehold.models.loader import load_model
@@ -140,6 +143,74 @@ def evaluate_tools(args: argparse.Namespace) -> int:
                        "items": [d for _, outcomes in reports for d in details(outcomes)]}, args.out)
         rows += [r.row() for r, _ in reports]
     print(format_table(HEADERS, rows))
+    return 0
+
+
+def load_embedder(args: argparse.Namespace):
+    require_extra("bm25s", "retrieval", "retrieval (BM25 and the vector index)")
+    require_extra("usearch", "retrieval", "retrieval (BM25 and the vector index)")
+    from freehold.embed import Embedder
+    return Embedder(args.embedding_model)
+
+
+def index(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+    from freehold.retrieval.chunking import ChunkingStrategy
+    from freehold.retrieval.corpus import read_corpus
+    from freehold.retrieval.store import VectorStore
+    if (args.out / "store.sqlite").exists():
+        raise InvalidRequestError(f"{args.out} already holds a vector store", param="out")
+    strategy = ChunkingStrategy(args.max_chunk_tokens, args.chunk_overlap_tokens)
+    files = [dataclasses.replace(f, chunking=strategy) for f in read_corpus(args.data)]
+    store = VectorStore(args.out, load_embedder(args), create=True, name=args.data.name)
+    t0 = time.perf_counter()
+    with tqdm(total=0, unit="chunk", desc="embedding") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        records = store.add_files(files, progress)
+    failed = [r for r in records if r.status.value == "failed"]
+    print(f"indexed {len(records) - len(failed)} files ({sum(r.num_chunks for r in records)} chunks) into "
+          f"{args.out} in {time.perf_counter() - t0:.1f} s" + (f"; {len(failed)} failed" if failed else ""))
+    for r in failed[:10]:
+        print(f"  {r.filename}: {r.error}", file=sys.stderr)
+    return 0
+
+
+def search(args: argparse.Namespace) -> int:
+    from freehold.retrieval.store import VectorStore
+    embedder = load_embedder(args)
+    result = VectorStore(args.store, embedder).search(args.query, args.mode, args.k)
+    for rank, hit in enumerate(result.hits, start=1):
+        text = " ".join(hit.text.split())
+        print(f"{rank:>3}. {hit.score:.4f}  {hit.filename}  (chunk {hit.chunk_id})\n     {text[:300]}")
+    return 0
+
+
+def evaluate_retrieval(args: argparse.Namespace) -> int:
+    import tempfile
+    from tqdm import tqdm
+    from freehold.bench.common import write_results
+    from freehold.eval.retrieval import HEADERS, evaluate_mode, open_or_build_store, parse_modes, read_queries
+    require_extra("ir_measures", "eval", "freehold eval retrieval (metrics by ir-measures)")
+    queries, qrels = read_queries(args.data)
+    modes = parse_modes(args.modes)
+    embedder = load_embedder(args)
+    with tempfile.TemporaryDirectory() as tmp, tqdm(total=0, unit="chunk", desc="indexing") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        store, build = open_or_build_store(args.data, args.store or Path(tmp) / "store", embedder, progress)
+        bar.close()
+        reports = [evaluate_mode(store, queries, qrels, mode) for mode in modes]
+        store.close()
+    if build is None:
+        print(f"searched the existing store {args.store} (index build not measured)")
+    else:
+        print(f"index build: {build.num_docs} docs ({build.num_chunks} chunks) in {build.seconds:.1f} s = "
+              f"{build.docs_per_second:.1f} docs/s")
+    extra = {"build": dataclasses.asdict(build), "docs_per_second": build.docs_per_second} if build else {}
+    write_results(f"retrieval_{args.data.name}", HEADERS, [r.row() for r in reports], extra, args.out)
     return 0
 
 

@@ -29,3 +29,7 @@ class InvalidRequestError(FreeholdError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class NotFoundError(InvalidRequestError):
+    """A named thing that does not exist (a vector store, an uploaded file): HTTP 404."""

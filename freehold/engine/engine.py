@@ -89,11 +89,13 @@ class Engine:
         bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
             raise InvalidRequestError(f"prompt has token ids outside the vocabulary: {bad[:5]}", param="prompt")
-        if n >= self.max_model_len:
+        generated = 0 if params.max_tokens == 0 else 1  # a prompt-only request (prompt logprobs) may fill the context
+        if n + generated > self.max_model_len:
             limit = "the model context length" if self.max_model_len == self.context_len else "the KV cache budget"
+            plus = " plus at least one generated token" if generated else ""
             raise PromptTooLongError(
-                f"prompt has {n} tokens but {limit} allows {self.max_model_len} tokens "
-                f"(prompt plus at least one generated token)", n, self.max_model_len)
+                f"prompt has {n} tokens but {limit} allows {self.max_model_len} tokens (prompt{plus})", n,
+                self.max_model_len)
         self.sampler.check_params(params)
         if params.constraint is not None and params.constraint.vocab_size != self.model_config.vocab_size:
             raise InvalidRequestError(f"the constraint was compiled for a vocabulary of {params.constraint.vocab_size} "

@@ -16,9 +16,8 @@ from freehold.errors import FreeholdError
 from freehold.server.errors import error_body, freehold_error_body
 from freehold.server.logprobs import chat_logprobs, vllm_prompt_logprobs
 from freehold.server.params import chat_messages, check_supported, log_metadata, sampling_params, template_options
-from freehold.server.protocol import PromptLogprobs
 from freehold.server.protocol import (ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
-                                      ChatCompletionRequest, ChatDelta, ErrorResponse, Usage)
+                                      ChatCompletionRequest, ChatDelta, ErrorResponse, PromptLogprobs, Usage)
 from freehold.server.serving import Choice, ChoiceDelta, Serving, UsageTally
 from freehold.server.structured import requested_constraint
 from freehold.server.streaming import DONE, EventStreamResponse, sse, until_disconnected

@@ -15,6 +15,7 @@ see what it sent in vain.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 from pydantic import BaseModel
 
@@ -53,7 +54,7 @@ def _printable(name: str) -> str:
     return name[:_MAX_NAME_CHARS].encode("unicode_escape").decode("ascii")
 
 
-def _unknown(model: BaseModel, where: str):
+def _unknown(model: BaseModel, where: str) -> Iterator[str]:
     extra = model.__pydantic_extra__
     if extra:
         yield from (f"{where}{name}" for name in extra)
@@ -62,7 +63,7 @@ def _unknown(model: BaseModel, where: str):
         yield from _unknown_in(getattr(model, name), f"{where}{name}")
 
 
-def _unknown_in(value: object, where: str):
+def _unknown_in(value: object, where: str) -> Iterator[str]:
     if isinstance(value, BaseModel):
         yield from _unknown(value, where + ".")
     elif isinstance(value, list):

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from freehold.engine.async_engine import EngineDeadError
 from freehold.errors import FreeholdError
 from freehold.server.errors import error_body, freehold_error_body
-from freehold.server.echo import PromptEcho, prompt_echo
+from freehold.server.echo import PromptEcho, check_echo_size, prompt_echo
 from freehold.server.logprobs import completion_logprobs, joined
 from freehold.server.params import (check_num_choices, check_supported, completion_prompts, log_metadata,
                                     sampling_params)
@@ -57,7 +57,8 @@ async def create_completion(body: CompletionRequest, request: Request, response:
     prompts = completion_prompts(body)
     check_num_choices(len(prompts), body.best_of or body.n)
     constraint = await serving.compile_constraint(requested_constraint(body))
-    prompt_ids = await serving.encode_prompts(prompts)
+    prompt_ids = await serving.encode_prompts(prompts, generated=0 if body.max_tokens == 0 else 1)
+    check_echo_size(body, prompt_ids)
     params: list[SamplingParams] = []
     for ids in prompt_ids:
         params.append(sampling_params(body, len(ids), serving.max_model_len, constraint))

@@ -18,6 +18,8 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from freehold.server.compat import IGNORED_FIELDS_HEADER
+
 ANY = "*"
 DEFAULT_METHODS = ("GET", "POST")  # every route of the API; the preflight's OPTIONS is answered by the middleware
 DEFAULT_HEADERS = (ANY,)  # the OpenAI SDKs send Authorization, Content-Type and their own x-stainless-* headers
@@ -53,8 +55,10 @@ class CorsPolicy:
     def middleware_options(self) -> dict[str, Any]:
         # allow_private_network: Chrome asks before a public page reaches a private address (the usual
         # http://localhost server); naming the page's origin is the operator's consent to exactly that.
+        # expose_headers: a page reads only CORS-safelisted response headers unless the server names others.
         return {"allow_origins": self.allowed_origins, "allow_methods": self.allowed_methods,
-                "allow_headers": self.allowed_headers, "allow_credentials": False, "allow_private_network": True}
+                "allow_headers": self.allowed_headers, "allow_credentials": False, "allow_private_network": True,
+                "expose_headers": (IGNORED_FIELDS_HEADER,)}
 
 
 def install_cors(app: FastAPI, policy: CorsPolicy) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from freehold.errors import InvalidRequestError
 from freehold.server.logprobs import TokenText, echo_logprobs, vllm_prompt_logprobs
 from freehold.server.protocol import CompletionLogprobs, CompletionRequest, PromptLogprobs
 from freehold.tokenizer import Tokenizer
@@ -38,6 +39,25 @@ class PromptEcho:
         if self.prompt_logprobs is None or prompt_logprobs is None:
             return None
         return vllm_prompt_logprobs(prompt_logprobs, self.prompt_logprobs, token_text)
+
+
+# Echoed prompt logprobs repeat in every returned choice, each with its top-k alternatives: a small request (4 long
+# prompts, n=16, top 20) would build a response of hundreds of MB on the event loop. This bounds the entries
+# (tokens x (1 + top-k), over all choices) one response may carry: about 10 MB of JSON.
+MAX_ECHOED_ENTRIES = 200_000
+
+
+def check_echo_size(request: CompletionRequest, prompt_ids: Sequence[list[int]]) -> None:
+    """InvalidRequestError (naming logprobs or prompt_logprobs) if the prompts' logprobs would exceed the bound."""
+    per_token = {"logprobs": request.logprobs + 1 if request.echo and request.logprobs is not None else 0,
+                 "prompt_logprobs": 0 if request.prompt_logprobs is None else request.prompt_logprobs + 1}
+    entries = sum(map(len, prompt_ids)) * (request.n or 1) * sum(per_token.values())
+    if entries > MAX_ECHOED_ENTRIES:
+        param = max(per_token, key=per_token.__getitem__)
+        raise InvalidRequestError(
+            f"the prompts' logprobs would fill {entries:,} entries (prompt tokens x choices x (1 + top-k)); at most "
+            f"{MAX_ECHOED_ENTRIES:,} per response: send fewer or shorter prompts, a smaller n or fewer top "
+            "logprobs", param=param)
 
 
 def prompt_echo(request: CompletionRequest, prompts: Sequence[str | list[int]], prompt_ids: Sequence[list[int]],

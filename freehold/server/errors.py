@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from freehold.errors import FreeholdError, InvalidRequestError, PromptTooLongError
+from freehold.errors import FreeholdError, InvalidRequestError, NotFoundError, PromptTooLongError
 from freehold.server.protocol import ErrorDetail, ErrorResponse
 
 log = logging.getLogger("freehold.server")
@@ -91,6 +91,8 @@ def freehold_error_body(exc: FreeholdError, prompt_param: str) -> tuple[int, dic
         return 400, error_body(400, str(exc), prompt_param, "context_length_exceeded")
     if isinstance(exc, ServerShuttingDownError):
         return 503, error_body(503, str(exc), code="server_shutting_down")
+    if isinstance(exc, NotFoundError):
+        return 404, error_body(404, str(exc), exc.param, "not_found")
     param = exc.param if isinstance(exc, InvalidRequestError) else None
     return 400, error_body(400, str(exc), param)
 

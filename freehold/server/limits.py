@@ -130,11 +130,13 @@ class PromptLengthBound:
         num_chars = sum(len(self._normalizer.normalize_str(t) if self._normalizer else t) for t in texts)
         return -(-num_chars // self.max_token_chars)
 
-    def check(self, texts: Iterable[str], max_model_len: int) -> None:
-        """PromptTooLongError if the texts need at least `max_model_len` tokens (none left to generate)."""
+    def check(self, texts: Iterable[str], max_model_len: int, generated: int = 1) -> None:
+        """PromptTooLongError if the texts need more than `max_model_len - generated` tokens (no room left for the
+        tokens to generate: 1, or 0 for a prompt-only request)."""
         texts = list(texts)
         at_least = self.min_tokens(texts)
-        if at_least >= max_model_len:
+        if at_least + generated > max_model_len:
+            plus = " plus at least one generated token" if generated else ""
             raise PromptTooLongError(
                 f"prompt has at least {at_least} tokens ({sum(map(len, texts))} characters) but this server allows "
-                f"{max_model_len} tokens (prompt plus at least one generated token)", at_least, max_model_len)
+                f"{max_model_len} tokens (prompt{plus})", at_least, max_model_len)

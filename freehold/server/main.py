@@ -26,6 +26,7 @@ from freehold.server.connections import (connections_that_fit, install_log_rate_
                                          raise_open_file_limit)
 from freehold.server.cors import (DEFAULT_HEADERS, DEFAULT_METHODS, CorsPolicy, check_header, check_method,
                                   check_origin, split_list)
+from freehold.server.embedding_worker import EmbeddingWorker
 from freehold.server.limits import ServerLimits
 from freehold.server.serving import Serving
 from freehold.server.shutdown import DrainingServer
@@ -84,6 +85,12 @@ def _positive_int(text: str) -> int:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help=f"GGUF file or Hugging Face model directory (default: {DEFAULT_MODEL_NAME})")
+    parser.add_argument("--data-dir", default=default_data_dir(), metavar="DIR",
+                        help="where uploaded files and vector stores are kept, durable across restarts "
+                             "(default: %(default)s)")
+    parser.add_argument("--embedding-model", default=None, metavar="PATH|none",
+                        help="sentence-transformers (BERT) folder served at /v1/embeddings; none: no embeddings "
+                             "route (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                         help="the names clients may pass as `model`; responses use the one asked for, the first "
                              "when none is given (default: the model's file or directory name)")
@@ -216,6 +223,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     try:
         llm = _load(args)
+        embedder = _load_embedder(args.embedding_model, args.device)
     except FreeholdError as exc:
         sock.close()
         print(f"error: {exc}", file=sys.stderr)
@@ -228,6 +236,13 @@ def serve(args: argparse.Namespace) -> int:
     engine = AsyncEngine(llm.engine)
     serving = Serving(engine, llm.tokenizer, names, args.max_waiting, limits, fingerprint=llm.fingerprint(),
                       strict_api=args.strict_api)
+    serving.embeddings = EmbeddingWorker(embedder) if embedder is not None else None
+    try:
+        serving.retrieval = _open_retrieval(args.data_dir, embedder)
+    except (OSError, FreeholdError) as exc:
+        sock.close()
+        print(f"error: cannot open the data directory {args.data_dir}: {exc}", file=sys.stderr)
+        return 2
     app = create_app(serving, api_key, cors)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(llm.describe())
@@ -242,6 +257,8 @@ def serve(args: argparse.Namespace) -> int:
         DrainingServer(config, serving, limits.shutdown_grace_s).run(sockets=[sock])
     finally:
         engine.shutdown()
+        if serving.retrieval is not None:
+            serving.retrieval.close()  # a file still ingesting stays uncommitted: the store discards it on open
     return 0
 
 
@@ -278,6 +295,32 @@ def _load(args: argparse.Namespace):
         options["enable_prefix_caching"] = False
     return LLM(args.model, dtype=DTYPES[args.dtype], device=args.device, weights=WeightMode(args.weights),
                progress=sys.stderr.isatty(), chat_template=args.chat_template, **options)
+
+
+def _open_retrieval(data_dir: str, embedder):
+    """Files and vector stores under `data_dir`: None (with a note) without an embedder or the retrieval extra."""
+    if embedder is None:
+        return None
+    try:
+        from freehold.server.ingest import Retrieval
+    except ImportError as exc:
+        print(f"note: vector stores are off: {exc}", file=sys.stderr)
+        return None
+    return Retrieval(data_dir, embedder)
+
+
+def default_data_dir() -> str:
+    """Where vector stores and uploads live by default: $XDG_DATA_HOME/freehold (~/.local/share/freehold)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "freehold")
+
+
+def _load_embedder(path: str | None, device: str):
+    """The embedding model (`--embedding-model`): the bundled MiniLM by default, none for no embeddings route."""
+    if path is not None and path.lower() == "none":
+        return None
+    from freehold.embed import Embedder
+    return Embedder(path, device=device)
 
 
 def _log_to_stderr() -> None:

@@ -34,6 +34,12 @@ class ServerMetrics:
                                              buckets=_LATENCY_BUCKETS)
         self.request_latency = Histogram("freehold_e2e_request_latency_seconds",
                                          "From admission to the last token", registry=r, buckets=_LATENCY_BUCKETS)
+        self.embedding_requests = Counter("freehold_embedding_requests", "Answered /v1/embeddings requests",
+                                          registry=r)
+        self.embedding_tokens = Counter("freehold_embedding_tokens", "Tokens embedded (after truncation)", registry=r)
+        self.embedding_latency = Histogram("freehold_embedding_request_latency_seconds",
+                                           "From queueing to the vectors of one embeddings request", registry=r,
+                                           buckets=_LATENCY_BUCKETS)
         r.register(_EngineCollector(engine_stats, num_pending))
 
     def render(self) -> bytes:

@@ -12,15 +12,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Sequence, TypeVar
+
+from pydantic import BaseModel
 
 from freehold.constrain.compiler import ConstraintCompiler
 from freehold.constrain.spec import Constraint
-from pydantic import BaseModel
-
 from freehold.engine.async_engine import AsyncEngine
 from freehold.errors import InvalidRequestError
 from freehold.server.compat import ignored_fields_headers, pop_unknown_fields
+from freehold.server.embedding_worker import EmbeddingWorker
 from freehold.server.errors import APIError, QueueFullError, ServerShuttingDownError
 from freehold.server.limits import PromptLengthBound, ServerLimits
 from freehold.server.metrics import ServerMetrics
@@ -30,6 +31,9 @@ from freehold.server.workers import GrammarCompiles
 from freehold.text_stream import TextStream, fold_output
 from freehold.tokenizer import TemplateOptions, Tokenizer
 from freehold.types import CompletionOutput, FinishReason, RequestOutput, SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:  # the retrieval extra is optional
+    from freehold.server.ingest import Retrieval
 
 T = TypeVar("T")
 
@@ -91,6 +95,8 @@ class Serving:
                                            self.limits.grammar_compile_queue, self.limits.grammar_compile_timeout_s)
         self.prompt_bound = PromptLengthBound(tokenizer)
         self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="freehold-tokenize")
+        self.embeddings: EmbeddingWorker | None = None  # /v1/embeddings (freehold.server.embeddings), set by main
+        self.retrieval: Retrieval | None = None  # files and vector stores (freehold.server.ingest), set by main
 
     # -- before a request starts ----------------------------------------------------------------------------
     def check_model(self, model: str | None) -> str:
@@ -118,12 +124,14 @@ class Serving:
             return self.tokenizer.encode(text, add_special_tokens=False)
         return await self._off_loop(encode)
 
-    async def encode_prompts(self, prompts: Sequence[str | list[int]],
-                             add_special_tokens: bool = True) -> list[list[int]]:
+    async def encode_prompts(self, prompts: Sequence[str | list[int]], add_special_tokens: bool = True,
+                             generated: int = 1) -> list[list[int]]:
+        """Token ids of each prompt; PromptTooLongError first if a text cannot leave `generated` tokens of room
+        (0 for a prompt-only request: echo with max_tokens 0)."""
         def encode() -> list[list[int]]:
             for p in prompts:
                 if isinstance(p, str):
-                    self.prompt_bound.check([p], self.max_model_len)
+                    self.prompt_bound.check([p], self.max_model_len, generated)
             return [self.tokenizer.encode(p, add_special_tokens) if isinstance(p, str) else list(p) for p in prompts]
         return await self._off_loop(encode)
 

@@ -67,6 +67,8 @@ def start_server(*args: str, api_key: str | None = None, open_files_soft_limit: 
     port = free_port()
     log_path = Path(tempfile.mkstemp(prefix="freehold-server-", suffix=".log")[1])
     cmd = [sys.executable, "-m", "freehold.server.main", "--port", str(port), *args]
+    if "--data-dir" not in args:  # never the user's own data directory
+        cmd += ["--data-dir", tempfile.mkdtemp(prefix="freehold-data-")]
     env = {k: v for k, v in os.environ.items() if k != "FREEHOLD_API_KEY"}
     if api_key:
         cmd += ["--api-key", api_key]

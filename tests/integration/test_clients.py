@@ -6,7 +6,6 @@ One server for the file: the default model under two names (`--served-model-name
 from __future__ import annotations
 
 import json
-import os
 from typing import Iterator, Literal
 
 import httpx
@@ -189,8 +188,8 @@ def test_langchain_invoke_stream_and_structured_output(clients_server: ServerPro
     assert isinstance(verdict, Verdict)
 
 
-def test_litellm_completion_and_stream(clients_server: ServerProcess) -> None:
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of litellm's price list
+def test_litellm_completion_and_stream(clients_server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of litellm's price list
     import litellm
 
     litellm.telemetry = False

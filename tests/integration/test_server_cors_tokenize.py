@@ -19,6 +19,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from freehold.server.auth import APIKeyMiddleware
+from freehold.server.compat import IGNORED_FIELDS_HEADER
 from freehold.server.main import add_serve_arguments, cors_policy
 from tests.integration.conftest import API_KEY, MODEL_NAME, ServerProcess, start_server, stop_server
 
@@ -74,6 +75,7 @@ def test_request_from_an_allowed_origin_with_the_key(cors_server: ServerProcess)
                    headers={"Origin": ORIGIN, **cors_server.headers()})
     assert r.status_code == 200, r.text
     assert r.headers["access-control-allow-origin"] == ORIGIN and "Origin" in r.headers["vary"]
+    assert r.headers["access-control-expose-headers"] == IGNORED_FIELDS_HEADER  # the page may read it
     other = httpx.post(f"{cors_server.url}/v1/completions", json=body, timeout=60,
                        headers={"Origin": OTHER_ORIGIN, **cors_server.headers()})
     assert other.status_code == 200 and "access-control-allow-origin" not in other.headers

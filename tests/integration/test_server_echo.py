@@ -140,3 +140,25 @@ def test_unsupported_combinations_are_400s_naming_the_field(server: ServerProces
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and param in error["message"]
+
+
+def test_a_prompt_only_request_may_fill_the_whole_context(server: ServerProcess) -> None:
+    """lm-evaluation-harness's rolling loglikelihood sends windows of exactly the model's length, max_tokens 0."""
+    max_len = httpx.get(f"{server.base_url}/models", timeout=30).json()["data"][0]["max_model_len"]
+    ids = [(7 * i) % 5000 + 100 for i in range(max_len)]
+    body = {"model": MODEL_NAME, "prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 0}
+    r = httpx.post(f"{server.base_url}/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"][0]["logprobs"]["token_logprobs"]) == max_len
+    r = httpx.post(f"{server.base_url}/completions", json={**body, "max_tokens": 1}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # no room left to generate
+
+
+def test_echoed_logprobs_are_bounded_per_response(server: ServerProcess) -> None:
+    body = {"model": MODEL_NAME, "prompt": ["word " * 1000] * 4, "echo": True, "logprobs": 20, "n": 16,
+            "max_tokens": 0}
+    r = httpx.post(f"{server.base_url}/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs", r.text
+    assert "at most 200,000" in r.json()["error"]["message"]
+    assert httpx.post(f"{server.base_url}/completions", json={**body, "n": 1, "logprobs": 1, "prompt": "word " * 50},
+                      timeout=60).status_code == 200

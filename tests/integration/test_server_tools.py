@@ -204,3 +204,14 @@ def test_bad_requests_leave_a_running_call_alone(server: ServerProcess, client: 
     assert [r.status_code for r in bad] == [400] * len(BAD)
     assert _calls(running.choices[0].message) == _calls(alone.message)
     assert server.wait_idle()["kv_blocks_used"] == 0
+
+
+def test_a_call_cut_by_max_tokens_says_length(client: openai.OpenAI) -> None:
+    """The grammar makes every finished call well-formed; a call cut off by max_tokens is reported as cut off."""
+    choice = client.chat.completions.create(model=MODEL_NAME, messages=ASK, tools=TOOLS, tool_choice="required",
+                                            temperature=0, max_tokens=20).choices[0]
+    assert choice.finish_reason == "length"
+    call = choice.message.tool_calls[0]
+    assert call.function.name in SCHEMAS
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(call.function.arguments)

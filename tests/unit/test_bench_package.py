@@ -19,7 +19,8 @@ def test_only_freehold_is_packaged():
     assert all(p == "freehold" or p.startswith("freehold.") for p in packages), packages
 
 
-@pytest.mark.parametrize("name", ["generate", "throughput", "prefix", "quant", "sampling", "structured", "serve", "tools"])
+@pytest.mark.parametrize("name", ["generate", "throughput", "prefix", "quant", "sampling", "structured", "serve", "tools",
+                                  "embed"])
 def test_every_bench_takes_an_output_folder(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["bench", name, "--help"])

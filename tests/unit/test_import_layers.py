@@ -11,8 +11,9 @@ LAYERS = [
     {"constrain", "layers"},
     {"types", "tools"},
     {"models", "quant"},
-    {"kv", "sampling", "text_stream"},
+    {"kv", "sampling", "text_stream", "embed"},
     {"engine"},
+    {"retrieval"},  # chunking, BM25 + dense + hybrid search, durable vector stores (on embed)
     {"llm", "eval"},
     {"server", "bench"},
     {"commands"},
