@@ -75,7 +75,10 @@ class BitmaskFiller:
         if self._batch is None:
             self._batch = _xgr().BatchGrammarMatcher(self.max_threads)
         bitmask = _xgr().allocate_token_bitmask(len(constrained), self.vocab_size)
-        self._batch.batch_fill_next_token_bitmask([states[i].matcher for i in constrained], bitmask)
+        if len(constrained) == 1:  # one row: no thread hand-off
+            states[constrained[0]].matcher.fill_next_token_bitmask(bitmask, 0)
+        else:
+            self._batch.batch_fill_next_token_bitmask([states[i].matcher for i in constrained], bitmask)
         for j, i in enumerate(constrained):
             if not states[i].matcher.is_completed():
                 clear_token_bits(bitmask[j], states[i].stop_token_ids)
