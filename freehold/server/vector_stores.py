@@ -43,7 +43,7 @@ class CreateStoreRequest(_Body):
 
 class AttachFileRequest(_Body):
     file_id: str
-    attributes: dict[str, str | float | bool] | None = Field(None, description="for search filters")
+    attributes: dict[str, str | bool | int | float] | None = Field(None, description="for search filters")
     chunking_strategy: dict[str, Any] | None = None
 
 

@@ -51,7 +51,8 @@ def store(vs_server: ServerProcess) -> dict:
     for name, text in DOCS.items():
         upload = client.files.create(file=(name, text.encode()), purpose="assistants")
         attached = client.vector_stores.files.create_and_poll(
-            vector_store_id=vs.id, file_id=upload.id, attributes={"topic": name.split(".")[0]}, poll_interval_ms=100)
+            vector_store_id=vs.id, file_id=upload.id, attributes={"topic": name.split(".")[0], "rank": len(ids)},
+            poll_interval_ms=100)
         assert attached.status == "completed", attached.last_error
         ids[name] = upload.id
     return {"id": vs.id, "files": ids}
@@ -67,7 +68,8 @@ def test_upload_attach_and_search(vs_server: ServerProcess, store: dict) -> None
         page = client.vector_stores.search(store["id"], query="how does lava come out of a mountain?",
                                            ranking_options={"ranker": ranker}, max_num_results=2)
         assert page.data[0].filename == "volcanoes.txt", (ranker, page.data)
-        assert "magma" in page.data[0].content[0].text and page.data[0].attributes == {"topic": "volcanoes"}
+        assert "magma" in page.data[0].content[0].text
+        assert page.data[0].attributes == {"topic": "volcanoes", "rank": 0}  # an integer stays an integer
         assert len(page.data) <= 2 and page.data[0].score >= page.data[-1].score
 
 

@@ -169,11 +169,13 @@ def test_stop_tokens_need_a_complete_grammar_whatever_the_bitmask_says():
 
     filler = BitmaskFiller(VOCAB)
     filler._batch = AllowEverything()
-    state = GrammarState(regex("[a-z]+"))
+    state, other = GrammarState(regex("[a-z]+")), GrammarState(regex("[a-z]+"))  # two rows: the batch fill
     bits = lambda mask: ((mask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).flatten()[:VOCAB]  # noqa
-    assert bits(filler.fill([state])[0])[TINY_EOS] == 0 and bits(filler.fill([state])[0])[:TINY_EOS].all()
+    first = bits(filler.fill([state, other])[0])
+    assert first[TINY_EOS] == 0 and first[:TINY_EOS].all()
     state.accept(ord("a") - 32)
-    assert bits(filler.fill([state])[0])[TINY_EOS] == 1  # complete: the stop token may end it
+    rows = filler.fill([state, other])
+    assert bits(rows[0])[TINY_EOS] == 1 and bits(rows[1])[TINY_EOS] == 0  # complete: the stop token may end it
 
 
 @pytest.mark.parametrize("penalty", [1e-300, 0.0, 1e-3, 1e6, float("nan")])

@@ -73,7 +73,7 @@ def test_chunked_prefill_gives_the_same_values(budget):
     engine = tiny_engine(model, max_num_batched_tokens=budget)
     chunked = run(engine, {"a": (prompt, SamplingParams(max_tokens=0, prompt_logprobs=K))})["a"]["prompt"]
     for a, b in zip(whole[1:], chunked[1:]):
-        assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-4)  # fp32 sums differ by split
     check_against_reference(model, prompt, chunked)
 
 
