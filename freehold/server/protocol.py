@@ -97,7 +97,7 @@ class FunctionDefinition(_Strict):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = Field(None, description="a JSON Schema of an object; absent: no arguments")
-    strict: bool | None = Field(None, description="accepted; the arguments always match the schema")
+    strict: bool | None = Field(None, description="accepted; a finished call's arguments always match the schema")
 
 
 class Tool(_Strict):

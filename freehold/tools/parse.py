@@ -7,7 +7,7 @@ Reading is syntactic, so streamed and whole reads agree exactly on any text: a b
 matches HEAD (`{"name": "NAME", "arguments": ` with free whitespace, then a character that is neither space nor
 '<'); the call's arguments are the block's text after the head, less the call object's closing `}` and the
 whitespace around it. A block cut off by the end of the text (max_tokens) keeps all of its text as arguments.
-Whether the arguments are valid JSON is the caller's to check: constrained output always is.
+Whether the arguments are valid JSON is the caller's to check: constrained output is, unless max_tokens cut it off.
 Text outside calls is content; each stretch of it loses its trailing whitespace (the separators between calls).
 A block whose opening does not match HEAD stays in the content, tags included.
 """

@@ -56,6 +56,14 @@ class ServerProcess:
             time.sleep(0.1)
 
 
+def chat_400(server: ServerProcess, messages: list[dict], body: dict) -> dict:
+    """POST a chat request (max_tokens 8, plus `body`) that must be refused: asserts a 400, returns its error."""
+    r = httpx.post(f"{server.base_url}/chat/completions", timeout=60,
+                   json={"model": MODEL_NAME, "messages": messages, "max_tokens": 8, **body})
+    assert r.status_code == 400, r.text
+    return r.json()["error"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -44,7 +44,8 @@ def _sse(response: httpx.Response) -> list[dict]:
 
 
 # ---- 1. fields: accepted, passed to the template, ignored, refused ----------------------------------------------
-def test_extra_body_fields_are_accepted_and_unknown_ones_listed(client: openai.OpenAI) -> None:
+def test_extra_body_fields_are_accepted_and_unknown_ones_listed(client: openai.OpenAI,
+                                                                clients_server: ServerProcess) -> None:
     raw = client.chat.completions.with_raw_response.create(
         model=MODEL_NAME, messages=[{"role": "user", "name": "alice", "content": "Say hello."}], max_tokens=4,
         temperature=0, user="u-1", metadata={"team": "a"}, service_tier="auto", store=False,
@@ -54,6 +55,8 @@ def test_extra_body_fields_are_accepted_and_unknown_ones_listed(client: openai.O
     assert completion.choices[0].message.content
     assert completion.service_tier == "auto"
     assert raw.headers[IGNORED_FIELDS_HEADER] == "frobnicate"
+    log = clients_server.log()
+    assert 'request metadata: {"team": "a"}' in log and "ignored unknown request fields: frobnicate" in log
 
 
 def test_unknown_nested_fields_are_listed_with_their_path(clients_server: ServerProcess) -> None:

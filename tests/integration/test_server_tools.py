@@ -11,7 +11,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.integration.conftest import MODEL_NAME, ServerProcess
+from tests.integration.conftest import MODEL_NAME, ServerProcess, chat_400
 
 
 def _tool(name: str, description: str, properties: dict) -> dict:
@@ -179,10 +179,7 @@ BAD = [
 @pytest.mark.parametrize("body,param,words", [case[1:] for case in BAD], ids=[case[0] for case in BAD])
 def test_bad_tool_inputs_are_400s_naming_the_field(server: ServerProcess, body: dict, param: str,
                                                    words: str) -> None:
-    r = httpx.post(f"{server.base_url}/chat/completions", timeout=60,
-                   json={"model": MODEL_NAME, "messages": ASK, "max_tokens": 8, **body})
-    assert r.status_code == 400, r.text
-    error = r.json()["error"]
+    error = chat_400(server, ASK, body)
     assert error["param"] == param and words in error["message"], error
     assert error["type"] == "invalid_request_error"
 

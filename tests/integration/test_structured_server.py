@@ -7,12 +7,11 @@ import asyncio
 import json
 import re
 
-import httpx
 import jsonschema
 import openai
 import pytest
 
-from tests.integration.conftest import MODEL_NAME, ServerProcess
+from tests.integration.conftest import MODEL_NAME, ServerProcess, chat_400
 
 PERSON = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0},
@@ -81,10 +80,7 @@ def test_streamed_deltas_join_into_a_valid_instance(client: openai.OpenAI) -> No
 ])
 def test_unsupported_constraints_are_400s_that_say_why(server: ServerProcess, body: dict, param: str,
                                                        words: str) -> None:
-    r = httpx.post(f"{server.base_url}/chat/completions", timeout=60,
-                   json={"model": MODEL_NAME, "messages": ASK, "max_tokens": 8, **body})
-    assert r.status_code == 400, r.text
-    error = r.json()["error"]
+    error = chat_400(server, ASK, body)
     assert error["param"] == param and words in error["message"], error
 
 

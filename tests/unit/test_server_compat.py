@@ -48,3 +48,15 @@ def test_the_header_holds_no_control_characters_and_no_long_names() -> None:
     """A field name is the client's own text: CR/LF in a header value makes h11 drop the whole response."""
     value = ignored_fields_headers(["a\r\nSet-Cookie: x=1", "y" * 100_000])[IGNORED_FIELDS_HEADER]
     assert value.startswith("a\\r\\nSet-Cookie: x=1, yyy") and value.isprintable() and len(value) < 200
+
+
+def test_template_options_carry_vllms_controls_and_reasoning_effort() -> None:
+    from freehold.server.params import template_options
+    request = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "low", "continue_final_message": True,
+         "chat_template_kwargs": {"enable_thinking": False}})
+    options = template_options(request)
+    assert options.variables == {"enable_thinking": False, "reasoning_effort": "low"}
+    assert options.continue_final_message and not options.add_generation_prompt  # continuing implies no new turn
+    plain = template_options(ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}]}))
+    assert plain.add_generation_prompt and not plain.continue_final_message and plain.variables == {}
