@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freehold", description="Self-hosted LLM inference server and runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from freehold.server.main import add_serve_arguments
+    from freehold.server.main import add_serve_arguments, add_speculative_arguments
     add_serve_arguments(sub.add_parser("serve", help="OpenAI-compatible HTTP server"))
 
     g = sub.add_parser("generate", help="complete a prompt")
@@ -48,11 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_model_args(g)
     _add_sampling_args(g)
+    add_speculative_arguments(g)
 
     c = sub.add_parser("chat", help="interactive terminal chat, streaming tokens")
     c.add_argument("--system", default=None)
     _add_model_args(c)
     _add_sampling_args(c)
+    add_speculative_arguments(c)
 
     e = sub.add_parser("eval", help="evaluations")
     esub = e.add_subparsers(dest="eval_command", required=True)
@@ -81,6 +83,48 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the built store in this folder (default: a temp dir); one already there is reused")
     rt.add_argument("--embedding-model", default=None, help="sentence-transformers folder (default: all-MiniLM-L6-v2)")
     rt.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for retrieval_NAME.json and .md")
+    ev = esub.add_parser("agent", help="the agent loop on a shipped task set (arithmetic, pydoc look-ups, faulty "
+                                       "tools), with and without tools")
+    ev.add_argument("--limit", type=int, default=None, help="the first N tasks of each category")
+    ev.add_argument("--categories", default="arithmetic,lookup,fault", help="comma-separated")
+    ev.add_argument("--modes", default="tools,no_tools", help="comma-separated (fault tasks run with tools only)")
+    ev.add_argument("--max-steps", type=int, default=5, help="model turns per run")
+    ev.add_argument("--max-tokens", type=int, default=192, help="max_tokens of one model turn")
+    ev.add_argument("--max-seconds", type=float, default=60.0, help="wall clock per run")
+    ev.add_argument("--tool-timeout", type=float, default=2.0,
+                    help="seconds per tool call (the hanging tool outlasts it)")
+    ev.add_argument("--tool-choice", choices=["auto", "required"], default="auto",
+                    help="the first turn's tool_choice with tools: required makes the model start with a call")
+    ev.add_argument("--trace", type=Path, default=None, help="write each run's JSONL trace into this folder")
+    ev.add_argument("--embedding-model", default=None, help="for the pydoc store (default: all-MiniLM-L6-v2)")
+    ev.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for agent.json and .md")
+    _add_model_args(ev)
+
+    a = sub.add_parser("agent", help="run a task with tools (`freehold agent trace FILE` renders a trace)",
+                       description="Run TASK through the agent loop: model turn -> tool calls -> results -> next "
+                                   "turn, until an answer or a limit; each step is printed as it happens.")
+    a.add_argument("task", help="the task, or `trace` to render the trace FILE")
+    a.add_argument("file", nargs="?", type=Path, help="with `trace`: a JSONL trace written by --trace")
+    a.add_argument("--tools", default="calculator",
+                   help="comma-separated built-in tools: calculator, python, read_file, file_search (or none)")
+    a.add_argument("--instructions", default=None, help="the system message")
+    a.add_argument("--tool-choice", choices=["auto", "required", "none"], default="auto",
+                   help="for the first turn (later turns are auto): required makes the model start with a call")
+    a.add_argument("--max-steps", type=int, default=8, help="model turns")
+    a.add_argument("--max-tool-calls", type=int, default=16)
+    a.add_argument("--max-total-tokens", type=int, default=None, help="prompt + completion tokens of the run")
+    a.add_argument("--max-tokens", type=int, default=512, help="max_tokens of one model turn")
+    a.add_argument("--max-seconds", type=float, default=300.0, help="wall clock of the run")
+    a.add_argument("--tool-timeout", type=float, default=30.0, help="seconds per tool call")
+    a.add_argument("--trace", type=Path, default=None, help="append the run's events to this JSONL file")
+    a.add_argument("--root", type=Path, default=None, help="read_file: the directory it may read (default: .)")
+    a.add_argument("--store", type=Path, default=None, help="file_search: a store built by `freehold index build`")
+    a.add_argument("--embedding-model", default=None, help="file_search: the folder the store was built with")
+    a.add_argument("--base-url", default=None,
+                   help="use this OpenAI-compatible server (e.g. http://localhost:8000/v1) instead of a local model")
+    a.add_argument("--api-key", default=None, help="with --base-url (default: $OPENAI_API_KEY)")
+    a.add_argument("--served-model", default=None, help="with --base-url: the `model` to ask for")
+    _add_model_args(a)
 
     ix = sub.add_parser("index", help="build a vector store from documents")
     ixsub = ix.add_subparsers(dest="index_command", required=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from freehold.config import EngineConfig, KVDtype
+from freehold.config import EngineConfig, KVDtype, SpeculativeMode
 from freehold.errors import FreeholdError, InvalidRequestError
 from freehold.quant.modes import WeightMode
 from freehold.types import SamplingParams
@@ -20,7 +20,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def run(args: argparse.Namespace) -> int:
     handlers = {"generate": generate, "chat": chat, "eval": evaluate, "kv-plan": kv_plan,
-                "bench": bench, "inspect": inspect, "serve": serve, "index": index, "search": search}
+                "bench": bench, "inspect": inspect, "serve": serve, "index": index, "search": search,
+                "agent": agent}
     return handlers[args.command](args)
 
 
@@ -28,8 +29,11 @@ def load_llm(args: argparse.Namespace):
     from freehold.kv.planner import parse_size
     from freehold.llm import LLM
     t0 = time.perf_counter()
+    speculative = {"speculative": SpeculativeMode(args.speculative), "draft_model": args.draft_model,
+                   "draft_weights": WeightMode(args.draft_weights),
+                   "num_speculative_tokens": args.num_speculative_tokens} if hasattr(args, "speculative") else {}
     llm = LLM(args.model, dtype=DTYPES[args.dtype], device=args.device, weights=WeightMode(args.weights),
-              kv_cache_memory=parse_size(args.kv_cache_memory), kv_dtype=KVDtype(args.kv_dtype))
+              kv_cache_memory=parse_size(args.kv_cache_memory), kv_dtype=KVDtype(args.kv_dtype), **speculative)
     print(f"{llm.describe()}\nloaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return llm
 
@@ -81,6 +85,8 @@ def evaluate(args: argparse.Namespace) -> int:
         return evaluate_tools(args)
     if args.eval_command == "retrieval":
         return evaluate_retrieval(args)
+    if args.eval_command == "agent":
+        return evaluate_agent(args)
     from freehold.engine.memory import create_kv_cache
     from freehold.eval.ppl import default_text, perplexity
     from freehold.models.loader import load_model
@@ -214,6 +220,48 @@ def evaluate_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate_agent(args: argparse.Namespace) -> int:
+    import tempfile
+    from freehold.agent.evaluation import (HEADERS, Category, Mode, Resources, all_tasks, check_targets, evaluate,
+                                           select, summarize)
+    from freehold.agent.evaluation.pydoc_store import build_pydoc_store
+    from freehold.agent.evaluation.run import parse_choices
+    from freehold.agent.evaluation.tasks import HANG_SECONDS
+    from freehold.agent.limits import Limits
+    from freehold.bench.common import write_results
+    try:
+        categories = parse_choices(args.categories, Category, "--categories")
+        modes = parse_choices(args.modes, Mode, "--modes")
+        limits = Limits(max_steps=args.max_steps, max_tool_calls=2 * args.max_steps, max_turn_tokens=args.max_tokens,
+                        max_seconds=args.max_seconds, tool_timeout=args.tool_timeout)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    tasks = select(all_tasks(hang_seconds=max(HANG_SECONDS, 3 * args.tool_timeout)), categories, args.limit)
+    needs_store = Mode.TOOLS in modes and any(t.category is Category.LOOKUP for t in tasks)
+    embedder = load_embedder(args) if needs_store else None
+    llm = load_llm(args)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+        resources, build = Resources(), None
+        if embedder is not None:
+            resources, build = build_pydoc_store(tmp, embedder)
+            print(f"pydoc store: {build.num_files} topics, {build.num_chunks} chunks in {build.seconds:.1f} s",
+                  file=sys.stderr)
+        def progress(i: int, n: int, outcome) -> None:
+            print(f"\r{i}/{n} {outcome.task_id} {outcome.mode.value}: {outcome.stop_reason}".ljust(60), end="",
+                  file=sys.stderr)
+        outcomes = evaluate(llm, tasks, modes, resources, limits, args.trace, progress, args.tool_choice)
+    print(file=sys.stderr)
+    targets = check_targets(outcomes)
+    extra = {"model": llm.loaded.config.name, "limits": limits.as_dict(), "tool_choice": args.tool_choice,
+             "store_build": build, "seconds": time.perf_counter() - t0,
+             "targets": [dataclasses.asdict(t) for t in targets], "runs": [o.as_dict() for o in outcomes]}
+    write_results("agent", HEADERS, [s.row() for s in summarize(outcomes)], extra, args.out)
+    for target in targets:
+        print(f"{'met' if target.met else 'NOT MET'}: {target.name} ({target.value})")
+    return 0
+
+
 def kv_plan(args: argparse.Namespace) -> int:
     from freehold.kv.planner import format_plan, parse_size, plan, read_model_for_plan
     from freehold.models.locate import resolve_model_path
@@ -250,3 +298,58 @@ def inspect(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     from freehold.server.main import serve as run_server
     return run_server(args)
+
+
+def agent(args: argparse.Namespace) -> int:
+    """`freehold agent TASK`: run the loop, printing each step as it happens; `freehold agent trace FILE`."""
+    from freehold.agent.trace import read_trace, render, render_event
+    if args.task == "trace" and args.file is None:
+        raise FreeholdError("freehold agent trace FILE: name the JSONL trace to render")
+    if args.task == "trace":
+        try:
+            print(render(read_trace(args.file)))
+        except (OSError, ValueError) as exc:
+            raise FreeholdError(f"cannot read the trace {args.file}: {exc}") from None
+        return 0
+    if args.file is not None:
+        raise FreeholdError(f"unexpected argument {str(args.file)!r}: quote the task, or `freehold agent trace FILE`")
+    from freehold.agent import Agent, Limits, StopReason
+    try:
+        limits = Limits(max_steps=args.max_steps, max_tool_calls=args.max_tool_calls,
+                        max_total_tokens=args.max_total_tokens, max_turn_tokens=args.max_tokens,
+                        max_seconds=args.max_seconds, tool_timeout=args.tool_timeout)
+        tools = agent_tools(args)
+    except ValueError as exc:
+        raise FreeholdError(str(exc)) from None
+    if args.base_url is not None:
+        import os
+        from freehold.agent.models import RemoteModel
+        model = RemoteModel(args.base_url, args.served_model, args.api_key or os.environ.get("OPENAI_API_KEY"))
+    else:
+        model = load_llm(args)
+    runner = Agent(model, tools, instructions=args.instructions, limits=limits, tool_choice=args.tool_choice)
+    result = runner.run(args.task, trace=args.trace,
+                        on_event=lambda e: [print(line, flush=True) for line in render_event(e)])
+    return 0 if result.stop_reason is StopReason.ANSWER else 1
+
+
+def agent_tools(args: argparse.Namespace) -> list:
+    """The built-in tools named by --tools (read_file under --root, file_search over --store)."""
+    from freehold.agent.builtin import builtin_tools
+    names = [n.strip() for n in args.tools.split(",") if n.strip() and n.strip() != "none"]
+    manager, store_ids = None, ()
+    if "file_search" in names:
+        if args.store is None:
+            raise ValueError("--tools file_search needs --store DIR (a store built by `freehold index build`)")
+        manager, store_ids = open_cli_store(args)
+    return builtin_tools(names, root=args.root or Path.cwd(), manager=manager, vector_store_ids=store_ids)
+
+
+def open_cli_store(args: argparse.Namespace):
+    """--store DIR as file_search's store manager (the folder must hold a store built by `freehold index build`)."""
+    from freehold.agent.builtin.file_search import StoreFolder
+    from freehold.retrieval.store import VectorStore
+    if not (args.store / "store.sqlite").is_file():
+        raise ValueError(f"--store {args.store}: no store there (build one with `freehold index build --out DIR`)")
+    return StoreFolder(VectorStore(args.store, load_embedder(args))), [StoreFolder.ID]
+

@@ -70,6 +70,17 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
 KV_INT8_SCALE_BYTES = 2  # one fp16 scale per (token, KV head) in an int8 KV cache
 
 
+class SpeculativeMode(enum.Enum):
+    """`--speculative`: who proposes draft tokens for the target model to verify (freehold.spec)."""
+
+    OFF = "off"
+    NGRAM = "ngram"  # prompt lookup: the tokens that followed the last occurrence of the current suffix
+    DRAFT = "draft"  # a draft model (same vocabulary; by default the target's own weights at int4) run greedily
+
+
+MAX_SPECULATIVE_TOKENS = 16
+
+
 class KVDtype(enum.Enum):
     """What the KV cache stores (`--kv-dtype`). Attention always computes in the activation dtype."""
 
@@ -99,6 +110,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     enable_prefix_caching: bool = True
     seed: int = 0
+    speculative: SpeculativeMode = SpeculativeMode.OFF
+    num_speculative_tokens: int = 8  # the most draft tokens a sequence proposes per step (adaptive below that)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -112,6 +125,14 @@ class EngineConfig:
         if not isinstance(self.kv_dtype, KVDtype):
             raise InvalidRequestError(f"kv_dtype must be a KVDtype ({', '.join(d.value for d in KVDtype)}), "
                                       f"got {self.kv_dtype!r}", param="kv_dtype")
+        if isinstance(self.speculative, str) and self.speculative in {m.value for m in SpeculativeMode}:
+            object.__setattr__(self, "speculative", SpeculativeMode(self.speculative))  # LLM(speculative="ngram")
+        if not isinstance(self.speculative, SpeculativeMode):
+            raise InvalidRequestError(f"speculative must be one of {', '.join(m.value for m in SpeculativeMode)}, "
+                                      f"got {self.speculative!r}", param="speculative")
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise InvalidRequestError(f"num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], "
+                                      f"got {self.num_speculative_tokens}", param="num_speculative_tokens")
         if not 0.0 < self.kv_cache_fraction <= 1.0:
             raise InvalidRequestError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import torch
 
-from freehold.config import EngineConfig
+from freehold.config import EngineConfig, SpeculativeMode
 from freehold.engine.engine import Engine
 from freehold.errors import InvalidRequestError
 from freehold.models.loader import LoadedModel, load_model
@@ -56,14 +56,22 @@ class Generation:
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  weights: WeightMode = WeightMode.AUTO, engine_config: EngineConfig | None = None,
-                 progress: bool = True, chat_template: str | None = None, **engine_options):
-        """`chat_template`: Jinja source to use instead of the model's own chat template."""
+                 progress: bool = True, chat_template: str | None = None, draft_model: str | None = None,
+                 draft_weights: WeightMode | str = WeightMode.INT4, **engine_options):
+        """`chat_template`: Jinja source to use instead of the model's own chat template. With
+        speculative="draft": `draft_model` (default: the target's own file) loaded with `draft_weights` (default int4:
+        a quantized self-draft) proposes the drafts."""
         self.loaded: LoadedModel = load_model(model, dtype=dtype, device=device, progress=progress, weights=weights)
         self.tokenizer = Tokenizer.from_model_path(self.loaded.path)
         if chat_template is not None:
             self.tokenizer.use_chat_template(chat_template)
         config = engine_config or EngineConfig(device=device, dtype=dtype, **engine_options)
-        self.engine = Engine(self.loaded.model, self.loaded.config, self.tokenizer.eos_token_ids, config)
+        draft = None
+        if config.speculative is SpeculativeMode.DRAFT:
+            loaded = load_model(draft_model or self.loaded.path, dtype=dtype, device=device, progress=progress,
+                                weights=WeightMode(draft_weights))
+            draft = (loaded.model, loaded.config, loaded.weight_bytes() / self.loaded.weight_bytes())
+        self.engine = Engine(self.loaded.model, self.loaded.config, self.tokenizer.eos_token_ids, config, draft=draft)
         self._ids = itertools.count()
         self._streams: dict[str, list[TextStream]] = {}  # per request, one per completion
         self._compiler: ConstraintCompiler | None = None  # created by the first chat with tools

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from freehold.bench import embed, generate, prefix, quant, sampling, serve, structured, throughput, tools, vectors
+from freehold.bench import (embed, generate, prefix, quant, sampling, serve, spec, structured, throughput, tools,
+                            vectors)
 from freehold.bench.common import DEFAULT_RESULTS_DIR
 
 BENCHMARKS = {
@@ -18,6 +19,7 @@ BENCHMARKS = {
     "tools": (tools, "constrained tool-call turn vs free text: decode tokens/s at batch 1 and 16"),
     "serve": (serve, "HTTP load generator against freehold serve (TTFT, ITL, output tokens/s)"),
     "vectors": (vectors, "dense index at scale: build time, bytes/vector, top-10 p50/p99, recall@10 vs exact"),
+    "spec": (spec, "speculative decoding (n-gram) off vs on: decode tok/s, acceptance, on extractive and chat work"),
     "embed": (embed, "embeddings/s vs sentence-transformers at batch 1 and 32, with the vectors' max |delta|"),
 }
 

@@ -8,17 +8,20 @@ on its first output after the prompt; with max_tokens 0 it ends there ("length")
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from typing import Sequence as Seq
 
 import torch
 
-from freehold.config import EngineConfig, ModelConfig
+from freehold.config import EngineConfig, ModelConfig, SpeculativeMode
 from freehold.constrain.matcher import BitmaskFiller, GrammarState
 from freehold.engine.memory import KVBudget, create_kv_cache, plan_kv
 from freehold.engine.runner import ForwardOutput, ModelRunner
 from freehold.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from freehold.engine.sequence import Sequence
+from freehold.engine.draft import DraftModel
+from freehold.engine.speculation import Speculator
 from freehold.errors import FreeholdError, InvalidRequestError, PromptTooLongError
 from freehold.kv.block_pool import BlockPool
 from freehold.layers.attention import KVCache
@@ -37,6 +40,9 @@ class EngineStats:
     prefix_cache_queries: int  # prompt tokens looked up
     prefix_cache_hits: int  # prompt tokens served from cache
     num_preemptions: int
+    num_draft_tokens: int = 0  # speculative decoding: drafts verified, and how many were accepted
+    num_accepted_tokens: int = 0
+    num_verifications: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -45,7 +51,10 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: LlamaForCausalLM, model_config: ModelConfig, eos_token_ids: Seq[int],
-                 config: EngineConfig = EngineConfig(), kv_cache: KVCache | None = None):
+                 config: EngineConfig = EngineConfig(), kv_cache: KVCache | None = None,
+                 draft: tuple[LlamaForCausalLM, ModelConfig, float] | None = None):
+        """`draft`: (model, config, relative cost) of a draft model for `speculative` "draft" (freehold.engine.draft);
+        its KV cache holds as many tokens as the target's."""
         self.config = config
         self.model_config = model_config
         self.device = torch.device(config.device)
@@ -60,6 +69,9 @@ class Engine:
         self.context_len = min(config.max_model_len or model_config.max_position_embeddings,
                                model_config.max_position_embeddings)
         self.max_model_len = min(self.context_len, self.budget.num_tokens)  # one sequence must always fit
+        draft_model = DraftModel(draft[0], draft[1], model_config, config, self.budget.num_blocks, draft[2]) \
+            if draft is not None and config.speculative is SpeculativeMode.DRAFT else None
+        self.speculator = Speculator(config, self.max_model_len, draft_model)
         self.requests: dict[str, list[Sequence]] = {}
         self._arrivals = itertools.count()
         self.num_preemptions = 0
@@ -121,18 +133,25 @@ class Engine:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
+        self.speculator.propose(self.scheduler.running)  # draft tokens, verified by this step's forward
         batch = self.scheduler.schedule()
         self.num_preemptions += len(batch.preempted)
         if batch.empty:
             return []
+        started = time.perf_counter()
         forward = self.runner.forward(batch.chunks)
         sampled = self.sampler.sample(forward.logits, self._sampling_rows(forward.sampling_chunks), overwrite=True)
-        return self._update(batch, forward, sampled)
+        self.speculator.record_step(batch.chunks, time.perf_counter() - started)
+        outputs = self._update(batch, forward, sampled)
+        self.speculator.forget_finished()  # a draft model's copies of sequences that ended
+        return outputs
 
     def stats(self) -> EngineStats:
+        spec = self.speculator
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.pool.num_blocks,
                            self.pool.num_blocks - self.pool.num_free, self.pool.num_queries, self.pool.num_hits,
-                           self.num_preemptions)
+                           self.num_preemptions, spec.num_draft_tokens, spec.num_accepted_tokens,
+                           spec.num_verifications)
 
     def check_integrity(self) -> None:
         self.pool.check_integrity(self.scheduler.block_tables())
@@ -144,20 +163,26 @@ class Engine:
     def _sampling_rows(self, chunks: tuple[ScheduledChunk, ...]) -> list[SamplingRow]:
         seqs = [c.seq for c in chunks]
         bitmasks = self.bitmasks.fill([seq.grammar for seq in seqs])
-        return [SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator,
-                            token_bitmask=bitmask) for seq, bitmask in zip(seqs, bitmasks)]
+        rows = []
+        for chunk, bitmask in zip(chunks, bitmasks):
+            seq = chunk.seq
+            rows.append(SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator,
+                                    token_bitmask=bitmask))
+            rows += self.speculator.draft_rows(chunk, rows[-1])  # verification rows (no grammar: never drafts)
+        return rows
 
     def _update(self, batch: SchedulerOutput, forward: ForwardOutput, sampled: SamplerOutput) -> list[RequestOutput]:
         """Fold a step's sampled tokens into its sequences. A row that failed on its own request's input (nothing
         to draw, a grammar refusing the token) ends that request with the error; the other rows go on."""
         touched = self._advance(batch, forward)
         failed: dict[str, FreeholdError] = {}
-        for row, (chunk, token, logprob) in enumerate(zip(forward.sampling_chunks, sampled.token_ids,
-                                                           sampled.logprobs)):
+        row = 0
+        for chunk in forward.sampling_chunks:
+            rows, row = range(row, row + chunk.num_sampled_rows), row + chunk.num_sampled_rows
             seq = chunk.seq
             if seq.request_id in failed:
                 continue
-            error = sampled.failed.get(row) or self._append(seq, token, logprob)
+            error = self._keep_sampled(chunk, rows, sampled)
             if error is not None:
                 failed[seq.request_id] = error
             touched[seq.request_id] = None
@@ -172,13 +197,32 @@ class Engine:
             assert seq.prompt_logprobs is not None
             seq.prompt_logprobs += values
         for chunk in batch.chunks:
-            chunk.seq.num_computed_tokens += chunk.num_tokens
+            chunk.seq.num_computed_tokens += chunk.num_tokens - chunk.num_drafts  # drafts count once accepted
             self._register_full_blocks(chunk.seq)
             if chunk.completes and not chunk.samples:
                 chunk.seq.finish_reason = FinishReason.LENGTH
                 self.scheduler.finish(chunk.seq)
                 touched[chunk.seq.request_id] = None
         return touched
+
+    def _keep_sampled(self, chunk: ScheduledChunk, rows: range, sampled: SamplerOutput) -> FreeholdError | None:
+        """Append the chunk's sampled token, or with drafts the verified run (freehold.engine.speculation): row j's
+        token is kept, and the next row's too while it followed an accepted draft (t_j == d_{j+1}), whose KV then
+        counts as computed. Stops at the sequence's finish; frees the rejected drafts' blocks."""
+        seq, drafts = chunk.seq, chunk.seq.draft_token_ids[:chunk.num_drafts]
+        num_accepted = 0
+        for j, row in enumerate(rows):
+            error = sampled.failed.get(row) or self._append(seq, sampled.token_ids[row], sampled.logprobs[row])
+            if error is not None or seq.finished or j == len(drafts) or sampled.token_ids[row] != drafts[j]:
+                break
+            seq.num_computed_tokens += 1
+            num_accepted += 1
+        self.speculator.record_verification(seq, len(drafts), num_accepted)
+        seq.draft_token_ids = []
+        if drafts and not seq.finished:
+            self.scheduler.release_unused_blocks(seq)
+            self._register_full_blocks(seq)
+        return error
 
     def _append(self, seq: Sequence, token: int, logprob) -> InvalidRequestError | None:
         """Append a sampled token (and advance the grammar); returns the request's error instead if any."""

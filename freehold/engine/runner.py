@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 
+from freehold.config import MAX_SPECULATIVE_TOKENS
 from freehold.engine import prompt_logprobs
 from freehold.engine.prompt_logprobs import PromptLogprobRows
 from freehold.engine.scheduler import ScheduledChunk
@@ -20,19 +21,22 @@ from freehold.quant.compute import GEMM_MIN_PROMPT_TOKENS, RowKind, row_kinds
 from freehold.types import TokenLogprob
 
 
+MAX_DECODE_ROWS = 1 + MAX_SPECULATIVE_TOKENS  # generated tokens computed together as decode rows, at most
+
+
 @dataclass(frozen=True)
 class ModelInput:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
-    logit_rows: torch.Tensor  # [B] rows of the flat batch whose logits are needed
+    logit_rows: torch.Tensor  # [B] rows of the flat batch whose logits are needed (a chunk's drafts' rows too)
     decode_rows: torch.Tensor  # [T] bool: decode rows (freehold.quant.compute), the rest prompt rows
     sampling_chunks: tuple[ScheduledChunk, ...]  # the B chunks, in logit_rows order
     prompt_logprob_rows: list[PromptLogprobRows]  # prefill rows that score prompt tokens
 
 
 class ForwardOutput(NamedTuple):
-    logits: torch.Tensor  # [B, V] fp32, one row per sampling chunk
+    logits: torch.Tensor  # [B, V] fp32: per sampling chunk, its num_sampled_rows rows (1 + its drafts)
     sampling_chunks: tuple[ScheduledChunk, ...]
     prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]]  # new prompt logprobs per sequence, in order
 
@@ -55,21 +59,24 @@ class ModelRunner:
             return ForwardOutput(self.model.compute_logits(hidden[inp.logit_rows]), inp.sampling_chunks, scored)
 
     def prepare_input(self, chunks: tuple[ScheduledChunk, ...]) -> ModelInput:
-        decodes = [c for c in chunks if c.num_tokens == 1]  # one query token: batched decode attention
-        prefills = [c for c in chunks if c.num_tokens > 1]
+        """Decode chunks (`_decodes`: each token a decode row attending to the sequence up to itself, the same
+        computation as decoding it alone) first, then prefill chunks."""
+        decodes = [c for c in chunks if _decodes(c)]
+        prefills = [c for c in chunks if not _decodes(c)]
         ids, positions, slots, decode_rows = [], [], [], []
         for c in decodes + prefills:
-            ids += c.seq.token_ids(c.start, c.start + c.num_tokens)
+            ids += _chunk_ids(c)
             pos = list(range(c.start, c.start + c.num_tokens))
             positions += pos
             decode_rows += self._decode_rows(c.seq, pos)
             table = c.seq.block_table
             slots += [table[p // self.block_size] * self.block_size + p % self.block_size for p in pos]
+        decode_lens = [p + 1 for c in decodes for p in range(c.start, c.start + c.num_tokens)]
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots), num_decode=len(decodes),
-            decode_block_tables=self._decode_tables(decodes) if decodes else None,
-            decode_context_lens=self._tensor([c.start + 1 for c in decodes]) if decodes else None,
-            prefills=self._prefill_chunks(prefills, len(decodes)))
+            slot_mapping=self._tensor(slots), num_decode=len(decode_lens),
+            decode_block_tables=self._decode_tables(decodes, decode_lens) if decodes else None,
+            decode_context_lens=self._tensor(decode_lens) if decodes else None,
+            prefills=self._prefill_chunks(prefills, len(decode_lens)))
         rows, sampling, scored, row = [], [], [], 0
         for c in decodes + prefills:
             selected = prompt_logprobs.select_rows(c, row)
@@ -77,7 +84,7 @@ class ModelRunner:
                 scored.append(selected)
             row += c.num_tokens
             if c.samples:
-                rows.append(row - 1)
+                rows += range(row - c.num_sampled_rows, row)
                 sampling.append(c)
         return ModelInput(self._tensor(ids), self._tensor(positions), meta, self._tensor(rows),
                           torch.tensor(decode_rows, dtype=torch.bool, device=self.device), tuple(sampling), scored)
@@ -95,9 +102,11 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 
-    def _decode_tables(self, decodes: list[ScheduledChunk]) -> torch.Tensor:
-        width = max(-(-(c.start + 1) // self.block_size) for c in decodes)
-        tables = [c.seq.block_table[:width] + [0] * (width - len(c.seq.block_table[:width])) for c in decodes]
+    def _decode_tables(self, decodes: list[ScheduledChunk], decode_lens: list[int]) -> torch.Tensor:
+        """One block table per decode row (a chunk's draft rows repeat its sequence's table)."""
+        width = -(-max(decode_lens) // self.block_size)
+        tables = [c.seq.block_table[:width] + [0] * (width - len(c.seq.block_table[:width]))
+                  for c in decodes for _ in range(c.num_tokens)]
         return self._tensor(tables)
 
     def _prefill_chunks(self, prefills: list[ScheduledChunk], first_row: int) -> tuple[PrefillChunk, ...]:
@@ -108,3 +117,19 @@ class ModelRunner:
             out.append(PrefillChunk(row, row + c.num_tokens, context, table))
             row += c.num_tokens
         return tuple(out)
+
+
+def _decodes(c: ScheduledChunk) -> bool:
+    """Whether the chunk's tokens run as decode rows (each attending to the sequence up to itself, as decoding it
+    alone would): one real token (plus drafts), or a few generated tokens at once (a draft model catching up with the
+    tokens its target accepted). A prompt chunk runs as a prefill (SDPA over the chunk)."""
+    if c.num_tokens - c.num_drafts == 1:
+        return True
+    return c.start >= len(c.seq.prompt_token_ids) and c.num_tokens <= MAX_DECODE_ROWS
+
+
+def _chunk_ids(c: ScheduledChunk) -> list[int]:
+    """The chunk's token ids: the sequence's own, then its draft tokens."""
+    real = c.seq.token_ids(c.start, c.start + c.num_tokens - c.num_drafts)
+    return real + c.seq.draft_token_ids[:c.num_drafts] if c.num_drafts else real
+

@@ -1,6 +1,7 @@
 """Continuous batching with chunked prefill, admission by KV blocks and preemption by recompute.
 
-Each step has a token budget (max_num_batched_tokens). Running sequences go first, oldest first, so decodes are
+Each step has a token budget (max_num_batched_tokens; speculative draft tokens ride on top of it, and get blocks only
+where no preemption is needed, so speculation does not change the schedule of real tokens). Running sequences go first, oldest first, so decodes are
 never starved by a long prompt; a prompt longer than the remaining budget is split into chunks across steps.
 Waiting sequences are admitted FIFO while blocks, budget and max_num_seqs allow (no skipping ahead).
 When a running sequence needs a block and none is free, the newest running sequence is preempted: its blocks are
@@ -20,12 +21,18 @@ from freehold.kv.block_pool import BlockPool
 class ScheduledChunk:
     seq: Sequence
     start: int  # first token position computed this step
-    num_tokens: int
+    num_tokens: int  # including the draft tokens
+    num_drafts: int = 0  # speculative decoding: the chunk ends with the sequence's first num_drafts draft tokens
 
     @property
     def completes(self) -> bool:
         """After this chunk every token of the sequence has KV, so the step samples its next token."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+        return self.start + self.num_tokens - self.num_drafts == self.seq.num_tokens
+
+    @property
+    def num_sampled_rows(self) -> int:
+        """Rows of the chunk that are sampled: its last real token's, and each draft's (verification)."""
+        return 1 + self.num_drafts if self.samples else 0
 
     @property
     def samples(self) -> bool:
@@ -65,7 +72,8 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget)
             if not self._grow_or_preempt(seq, n, preempted):
                 continue
-            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            k = self._fit_drafts(seq, n)
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n + k, k))
             budget -= n
         while self.waiting and budget and len(self.running) < self.max_num_seqs and not preempted:
             chunk = self._admit(self.waiting[0], budget)
@@ -106,7 +114,26 @@ class Scheduler:
         seq.block_table += self.pool.allocate(need)
         return True
 
+    def _fit_drafts(self, seq: Sequence, n: int) -> int:
+        """Keep the sequence's drafts that get KV blocks without preempting anyone; outside the token budget, so
+        that speculation changes neither how prompts are split into chunks nor who is preempted."""
+        k = len(seq.draft_token_ids) if n == seq.num_uncomputed else 0
+        while k and not self.pool.can_allocate(self._blocks_needed(seq, n + k)):
+            k -= 1
+        del seq.draft_token_ids[k:]
+        seq.block_table += self.pool.allocate(self._blocks_needed(seq, n + k))
+        return k
+
+    def release_unused_blocks(self, seq: Sequence) -> None:
+        """Free the blocks past the sequence's computed tokens (rejected drafts' KV): never registered, so they
+        go back to the pool as fresh blocks. The next step allocates what it needs again."""
+        keep = -(-seq.num_computed_tokens // self.pool.block_size)
+        if len(seq.block_table) > keep:
+            self.pool.free(seq.block_table[keep:])
+            del seq.block_table[keep:]
+
     def _preempt(self, seq: Sequence) -> None:
+        seq.draft_token_ids.clear()
         self.running.remove(seq)
         self.pool.free(seq.block_table)
         seq.block_table = []

@@ -8,6 +8,7 @@ import torch
 
 from freehold.constrain.matcher import GrammarState
 from freehold.kv.block_pool import BlockKey, block_key
+from freehold.spec.policy import SpecState
 from freehold.types import FinishReason, SamplingParams, TokenLogprob
 
 
@@ -42,6 +43,10 @@ class Sequence:
     # filled chunk by chunk from the prefill's own hidden states, reported once when complete
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_reported: bool = False
+    # speculative decoding: this step's draft tokens (after the last real token; never part of the sequence's tokens
+    # until verified) and the sequence's proposer state (None when the engine does not speculate)
+    draft_token_ids: list[int] = field(default_factory=list)
+    spec: SpecState | None = None
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without copying the whole sequence (called every step)."""

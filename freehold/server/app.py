@@ -11,7 +11,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from freehold.server import chat, completions, embeddings, routes, tokenization
+from freehold.server import chat, completions, embeddings, responses, routes, tokenization
 from freehold.server.auth import APIKeyMiddleware
 from freehold.server.cors import CorsPolicy, install_cors
 from freehold.server.errors import install_error_handlers
@@ -30,6 +30,7 @@ def create_app(serving: Serving, api_key: str | None = None, cors: CorsPolicy | 
     app.include_router(routes.router)
     app.include_router(tokenization.router)
     app.include_router(embeddings.router)
+    app.include_router(responses.router)
     if serving.retrieval is not None:  # set only when the retrieval extra imports (freehold.server.main)
         from freehold.server import vector_stores
         app.include_router(vector_stores.router)

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import uvicorn
 
-from freehold.config import KVDtype
+from freehold.config import MAX_SPECULATIVE_TOKENS, KVDtype, SpeculativeMode
 from freehold.quant.modes import WeightMode
 from freehold.engine.async_engine import AsyncEngine
 from freehold.errors import FreeholdError
@@ -72,6 +72,29 @@ def _template_file(path: str) -> str:
         raise argparse.ArgumentTypeError(f"cannot read the chat template {path!r}: {exc}") from None
 
 
+def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--speculative` and `--num-speculative-tokens` (serve, generate, chat)."""
+    parser.add_argument("--speculative", choices=[m.value for m in SpeculativeMode], default="off",
+                        help="speculative decoding: ngram = prompt lookup (drafts from the prompt and output so "
+                             "far), draft = a draft model (--draft-model / --draft-weights); drafts are verified in "
+                             "one forward pass and the output is unchanged. Default: off")
+    parser.add_argument("--draft-model", default=None,
+                        help="speculative draft: a model with the same tokenizer (default: the served model itself, "
+                             "loaded with --draft-weights)")
+    parser.add_argument("--draft-weights", choices=[m.value for m in WeightMode], default="int4",
+                        help="how the draft model's weights are held (default int4: a quantized self-draft)")
+    parser.add_argument("--num-speculative-tokens", type=_speculative_tokens, default=8,
+                        help=f"the most draft tokens a sequence verifies per step (1..{MAX_SPECULATIVE_TOKENS}; "
+                             "fewer when acceptance or the batch size makes them cost more than they save)")
+
+
+def _speculative_tokens(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_SPECULATIVE_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SPECULATIVE_TOKENS}, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -122,6 +145,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests allowed to wait for their first token; more get 503 + Retry-After "
                              "(default: 256)")
     parser.add_argument("--no-prefix-cache", action="store_true", help="disable prefix caching")
+    add_speculative_arguments(parser)
     _add_limit_arguments(parser.add_argument_group("limits (what one client may cost the server)"))
     _add_cors_arguments(parser.add_argument_group(
         "browser access (CORS)", "Off by default: pages on other origins cannot read responses. A local server "
@@ -289,12 +313,14 @@ def _load(args: argparse.Namespace):
 
     options = {"kv_cache_memory": args.kv_cache_memory, "max_num_seqs": args.max_num_seqs,
                "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len,
-               "kv_dtype": KVDtype(args.kv_dtype)}
+               "kv_dtype": KVDtype(args.kv_dtype), "speculative": SpeculativeMode(args.speculative),
+               "num_speculative_tokens": args.num_speculative_tokens}
     options = {k: v for k, v in options.items() if v is not None}
     if args.no_prefix_cache:
         options["enable_prefix_caching"] = False
     return LLM(args.model, dtype=DTYPES[args.dtype], device=args.device, weights=WeightMode(args.weights),
-               progress=sys.stderr.isatty(), chat_template=args.chat_template, **options)
+               progress=sys.stderr.isatty(), chat_template=args.chat_template, draft_model=args.draft_model,
+               draft_weights=WeightMode(args.draft_weights), **options)
 
 
 def _open_retrieval(data_dir: str, embedder):

@@ -65,6 +65,16 @@ class _EngineCollector(Collector):
         yield _counter("freehold_prefix_cache_hits", "Prompt tokens served from the prefix cache",
                        s.prefix_cache_hits)
         yield _counter("freehold_num_preemptions", "Sequences preempted (recomputed later)", s.num_preemptions)
+        yield _counter("freehold_spec_decode_num_draft_tokens", "Speculative decoding: draft tokens verified",
+                       s.num_draft_tokens)
+        yield _counter("freehold_spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens accepted",
+                       s.num_accepted_tokens)
+        yield _counter("freehold_spec_decode_num_verifications", "Speculative decoding: steps in which a sequence "
+                       "verified drafts", s.num_verifications)
+        yield _gauge("freehold_spec_decode_acceptance_rate", "Accepted / verified draft tokens since start "
+                     "(0 before any)", s.num_accepted_tokens / s.num_draft_tokens if s.num_draft_tokens else 0.0)
+        yield _gauge("freehold_spec_decode_mean_accepted_length", "Draft tokens accepted per verification since "
+                     "start (0 before any)", s.num_accepted_tokens / s.num_verifications if s.num_verifications else 0.0)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

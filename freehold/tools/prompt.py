@@ -97,9 +97,18 @@ def _history_call(call: Any, param: str) -> tuple[str, str, dict]:
     except json.JSONDecodeError as exc:
         raise InvalidRequestError(f"{param}.function.arguments is not valid JSON: {exc}",
                                   param=f"{param}.function.arguments") from None
+    except RecursionError:  # deep nesting ([[[[...) passes the parser's recursion limit
+        raise InvalidRequestError(f"{param}.function.arguments nests too deeply to parse",
+                                  param=f"{param}.function.arguments") from None
     if not isinstance(value, dict):
         raise InvalidRequestError(f"{param}.function.arguments must be a JSON object in a string",
                                   param=f"{param}.function.arguments")
+    for field, text in (("name", function["name"]), ("arguments", json.dumps(value, ensure_ascii=False))):
+        try:  # a lone surrogate (sent raw or as a \ud800 escape) is not text: it cannot be rendered or tokenized
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequestError(f"{param}.function.{field} holds an unpaired UTF-16 surrogate, which is not "
+                                      "text", param=f"{param}.function.{field}") from None
     return str(call.get("id") or ""), function["name"], value
 
 

@@ -11,10 +11,11 @@ LAYERS = [
     {"constrain", "layers"},
     {"types", "tools"},
     {"models", "quant"},
-    {"kv", "sampling", "text_stream", "embed"},
+    {"kv", "sampling", "text_stream", "embed", "spec"},
     {"engine"},
     {"retrieval"},  # chunking, BM25 + dense + hybrid search, durable vector stores (on embed)
     {"llm", "eval"},
+    {"agent"},  # the tool loop over an LLM or any OpenAI-compatible server; built-in tools
     {"server", "bench"},
     {"commands"},
     {"cli", "__init__"},

@@ -130,3 +130,19 @@ def test_native_template_renders_the_history_once():
     assert text.count('"name": "get_weather"') == 3  # the tool list and the two calls
     assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>' in text
     assert "<tool_response>21C</tool_response>" in text and FALLBACK_SYNTAX not in text
+
+
+@pytest.mark.parametrize("name, arguments, field", [
+    ("get_weather", '{"city": "\ud800"}', "arguments"),  # a raw lone surrogate
+    ("get_weather", '{"city": "\\ud800"}', "arguments"),  # the same as a JSON escape
+    ("get_\ud800", "{}", "name"),
+    ("get_weather", "[" * 50_000 + "]" * 50_000, "arguments"),  # nesting past the parser's recursion limit
+])
+def test_history_calls_that_cannot_be_rendered_are_400s_naming_the_field(name, arguments, field):
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "c1", "type": "function", "function": {"name": name, "arguments": arguments}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "x"}]
+    with pytest.raises(InvalidRequestError) as err:
+        tool_messages(history, None, template_handles_tools=False)
+    assert err.value.param == f"messages[1].tool_calls[0].function.{field}"
