@@ -73,21 +73,22 @@ class StepCosts:
         self._sw, self._st, self._sy = 2 * w, 10 * w, w * (2 * fixed + 10 * per_token)
         self._stt, self._sty = 82 * w, w * (fixed * 10 + per_token * 82)
         self.num_records = 0
-        self.sizes: set[int] = set()  # the step sizes measured (the slope needs two)
+        self._rw = self._rt = self._rtt = 0.0  # the recorded sizes alone (no prior), decayed like the fit
 
     @property
     def measured(self) -> bool:
-        """Enough of the engine's own steps, of sizes at least 25% apart, that the fit's slope is the machine's and
-        not the prior's or noise's (a one-row probe in a step of 64 rows says nothing about the slope)."""
-        if self.num_records < MIN_RECORDS or not self.sizes:
+        """Enough recent steps of the engine's own, of sizes spread at least 10% around their mean, that the fit's
+        slope is the machine's and not the prior's or noise's (a one-row probe in steps of 64 rows says nothing
+        about the slope, and older steps of other sizes decay away)."""
+        if self.num_records < MIN_RECORDS:
             return False
-        low, high = min(self.sizes), max(self.sizes)
-        return high - low >= 0.25 * low
+        mean = self._rt / self._rw
+        return max(self._rtt / self._rw - mean * mean, 0.0) ** 0.5 >= 0.1 * mean
 
     def record(self, num_tokens: int, seconds: float) -> None:
         self.num_records += 1
-        self.sizes.add(num_tokens)
         d, t = COST_DECAY, float(num_tokens)
+        self._rw, self._rt, self._rtt = d * self._rw + 1, d * self._rt + t, d * self._rtt + t * t
         self._sw, self._st, self._sy = d * self._sw + 1, d * self._st + t, d * self._sy + seconds
         self._stt, self._sty = d * self._stt + t * t, d * self._sty + t * seconds
 

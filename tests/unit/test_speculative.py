@@ -325,3 +325,7 @@ def test_step_costs_count_as_measured_only_with_sizes_far_enough_apart():
         costs.record(1, 0.02)
         costs.record(2, 0.021)
     assert costs.measured
+    for _ in range(200):  # the spread of older steps decays away
+        costs.record(64, 0.3)
+        costs.record(65, 0.3)
+    assert not costs.measured
