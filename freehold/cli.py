@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freehold", description="Self-hosted LLM inference server and runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from freehold.server.main import add_serve_arguments, add_speculative_arguments
+    from freehold.server.main import add_kv_policy_arguments, add_serve_arguments, add_speculative_arguments
     add_serve_arguments(sub.add_parser("serve", help="OpenAI-compatible HTTP server"))
 
     g = sub.add_parser("generate", help="complete a prompt")
@@ -49,19 +49,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     _add_sampling_args(g)
     add_speculative_arguments(g)
+    add_kv_policy_arguments(g)
 
     c = sub.add_parser("chat", help="interactive terminal chat, streaming tokens")
     c.add_argument("--system", default=None)
+    c.add_argument("--session", default=None, metavar="NAME",
+                   help="keep the conversation under this name and resume it on the next run (stored in SQLite "
+                        "in --data-dir, as a conversation of the server's Conversations API)")
+    c.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="with --session: where it is kept (default: the server's, $XDG_DATA_HOME/freehold or "
+                        "~/.local/share/freehold)")
     _add_model_args(c)
     _add_sampling_args(c)
     add_speculative_arguments(c)
+    add_kv_policy_arguments(c)
 
     e = sub.add_parser("eval", help="evaluations")
     esub = e.add_subparsers(dest="eval_command", required=True)
     ppl = esub.add_parser("ppl", help="perplexity over a text (default: pydoc topics)")
     ppl.add_argument("--text", type=Path, default=None, help="a UTF-8 text file")
     ppl.add_argument("--max-tokens", type=int, default=32768)
-    ppl.add_argument("--window", type=int, default=1024)
+    ppl.add_argument("--window", type=int, default=1024,
+                     help="tokens per scored window; with --kv-policy: the KV window (tokens kept)")
+    ppl.add_argument("--kv-policy", default=None,
+                     help="stream the text under KV policies instead, comma-separated: full, sink, window "
+                          "(no sinks), recompute (sliding window re-computed, sampled every --chunk tokens)")
+    ppl.add_argument("--sink-tokens", type=int, default=4, help="with --kv-policy sink (rounded up to blocks)")
+    ppl.add_argument("--tokens", type=int, default=8192, help="with --kv-policy: tokens of the text to stream")
+    ppl.add_argument("--chunk", type=int, default=64, help="with --kv-policy: tokens per prefill chunk")
+    ppl.add_argument("--plot", default=None, metavar="PNG", help="with --kv-policy: ppl against position")
     _add_model_args(ppl)
     st = esub.add_parser("structured", help="JSON-schema-constrained generation: compile coverage, validity, cost")
     st.add_argument("--data", type=Path, required=True,
@@ -99,6 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--embedding-model", default=None, help="for the pydoc store (default: all-MiniLM-L6-v2)")
     ev.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for agent.json and .md")
     _add_model_args(ev)
+
+    mm = esub.add_parser("memory", help="long generated conversations: is the planted fact in the prompt under "
+                                        "a token budget (memory vs truncation), answer accuracy, cost")
+    mm.add_argument("--conversations", type=int, default=2)
+    mm.add_argument("--turns", type=int, default=150, help="turns per conversation (a turn: message + reply)")
+    mm.add_argument("--facts", type=int, default=5, help="facts planted early, asked about in the last turns")
+    mm.add_argument("--budget", type=int, default=2048, help="prompt token budget per turn")
+    mm.add_argument("--policies", default="memory,truncate", help="comma-separated: memory, truncate")
+    mm.add_argument("--dense", action="store_true", help="recall with BM25 + all-MiniLM-L6-v2 (default: BM25 only)")
+    mm.add_argument("--embedding-model", default=None, help="with --dense (default: all-MiniLM-L6-v2)")
+    mm.add_argument("--no-model", action="store_true", help="recall and cost only: no answers, no accuracy")
+    mm.add_argument("--max-tokens", type=int, default=24, help="tokens of each answer")
+    mm.add_argument("--seed", type=int, default=0)
+    mm.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for memory.json and .md")
+    _add_model_args(mm)
 
     a = sub.add_parser("agent", help="run a task with tools (`freehold agent trace FILE` renders a trace)",
                        description="Run TASK through the agent loop: model turn -> tool calls -> results -> next "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from freehold.config import EngineConfig, KVDtype, SpeculativeMode
+from freehold.config import EngineConfig, KVDtype, KVPolicy, SpeculativeMode
 from freehold.errors import FreeholdError, InvalidRequestError
 from freehold.quant.modes import WeightMode
 from freehold.types import SamplingParams
@@ -32,6 +32,8 @@ def load_llm(args: argparse.Namespace):
     speculative = {"speculative": SpeculativeMode(args.speculative), "draft_model": args.draft_model,
                    "draft_weights": WeightMode(args.draft_weights),
                    "num_speculative_tokens": args.num_speculative_tokens} if hasattr(args, "speculative") else {}
+    if hasattr(args, "kv_policy"):
+        speculative.update(kv_policy=KVPolicy(args.kv_policy), sink_tokens=args.sink_tokens, window=args.window)
     llm = LLM(args.model, dtype=DTYPES[args.dtype], device=args.device, weights=WeightMode(args.weights),
               kv_cache_memory=parse_size(args.kv_cache_memory), kv_dtype=KVDtype(args.kv_dtype), **speculative)
     print(f"{llm.describe()}\nloaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -58,8 +60,15 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
+    from freehold.memory.session import ChatSession
+    session = ChatSession.open(args.data_dir or _default_data_dir(), args.session) if args.session else None
     llm = load_llm(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
+    if session is not None:
+        earlier = session.messages()
+        messages += earlier
+        print(f"session {args.session!r}: resumed with {len(earlier)} earlier messages" if earlier
+              else f"session {args.session!r}: new", file=sys.stderr)
     print("chat with the model; an empty line or Ctrl-D ends the session", file=sys.stderr)
     while True:
         try:
@@ -75,7 +84,14 @@ def chat(args: argparse.Namespace) -> int:
             print(delta, end="", flush=True)
         print()
         messages.append({"role": "assistant", "content": reply})
+        if session is not None:
+            session.add_turn(line, reply)
     return 0
+
+
+def _default_data_dir() -> str:
+    from freehold.server.main import default_data_dir
+    return default_data_dir()
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -87,6 +103,8 @@ def evaluate(args: argparse.Namespace) -> int:
         return evaluate_retrieval(args)
     if args.eval_command == "agent":
         return evaluate_agent(args)
+    if args.eval_command == "memory":
+        return evaluate_memory(args)
     from freehold.engine.memory import create_kv_cache
     from freehold.eval.ppl import default_text, perplexity
     from freehold.models.loader import load_model
@@ -97,6 +115,8 @@ def evaluate(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, weights=WeightMode(args.weights))
     ids = Tokenizer.from_model_path(loaded.path).encode(text, add_special_tokens=False)
     config = EngineConfig(device=args.device, dtype=DTYPES[args.dtype], kv_dtype=KVDtype(args.kv_dtype))
+    if args.kv_policy:
+        return _evaluate_streaming(args, loaded, ids[:args.tokens], config)
     cache = create_kv_cache(loaded.config, config, num_blocks=-(-args.window // config.block_size))
     t0 = time.perf_counter()
     result = perplexity(loaded.model, ids, args.window, args.max_tokens, cache=cache,
@@ -104,6 +124,23 @@ def evaluate(args: argparse.Namespace) -> int:
     print(file=sys.stderr)
     print(f"perplexity {result.perplexity:.4f} (weights {args.weights}, KV {args.kv_dtype}) over {result.num_predicted} predicted tokens "
           f"({result.num_windows} windows of {args.window}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _evaluate_streaming(args: argparse.Namespace, loaded, ids: list[int], config: EngineConfig) -> int:
+    from freehold.eval.streaming import plot, stream_ppl
+    if args.plot:
+        require_extra("matplotlib", "inspect", "freehold eval ppl --plot")
+    results = []
+    print(f"{'policy':<10} {'ppl':>9} {'scored':>7} {'KV bytes':>11} {'tok/s':>8}  ({len(ids)} tokens, sinks "
+          f"{args.sink_tokens}, window {args.window}, chunk {args.chunk})")
+    for policy in [p for p in args.kv_policy.split(",") if p]:
+        r = stream_ppl(loaded.model, loaded.config, config, ids, policy, args.sink_tokens, args.window, args.chunk)
+        results.append(r)
+        print(f"{r.policy:<10} {r.perplexity:>9.3f} {r.num_scored:>7} {r.kv_bytes:>11,} {r.tokens_per_second:>8.1f}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot: {args.plot}")
     return 0
 
 
@@ -259,6 +296,48 @@ def evaluate_agent(args: argparse.Namespace) -> int:
     write_results("agent", HEADERS, [s.row() for s in summarize(outcomes)], extra, args.out)
     for target in targets:
         print(f"{'met' if target.met else 'NOT MET'}: {target.name} ({target.value})")
+    return 0
+
+
+def evaluate_memory(args: argparse.Namespace) -> int:
+    from freehold.bench.common import write_results
+    from freehold.eval.memory import HEADERS, make_conversation, num_tokens, parse_policies, run_policy
+    from freehold.memory.context import ContextBudget
+    from freehold.models.locate import default_model_path
+    from freehold.tokenizer import Tokenizer
+    require_extra("bm25s", "retrieval", "freehold eval memory (BM25 over the conversation)")
+    try:
+        policies = parse_policies(args.policies)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    llm = None if args.no_model else load_llm(args)
+    tokenizer = llm.tokenizer if llm is not None else Tokenizer.from_model_path(args.model or default_model_path())
+    count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    embed = None
+    if args.dense:
+        embedder = load_embedder(args)
+        embed = lambda texts: embedder.embed(list(texts)).vectors  # noqa: E731
+    answer = None
+    if llm is not None:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+        answer = lambda messages: llm.chat(messages, params)[0].text  # noqa: E731
+    conversations = [make_conversation(args.seed + i, args.turns, args.facts) for i in range(args.conversations)]
+    sizes = [num_tokens(c, count) for c in conversations]
+    print(f"{len(conversations)} conversations of {args.turns} turns, {min(sizes)}-{max(sizes)} tokens each; "
+          f"budget {args.budget} tokens", file=sys.stderr)
+    reports = []
+    for policy in policies:
+        budget = ContextBudget(args.budget, policy)
+        report = None
+        for i, conversation in enumerate(conversations):
+            print(f"\r{policy.value}: conversation {i + 1}/{len(conversations)}", end="", file=sys.stderr)
+            report = run_policy(conversation, budget, count, embed, answer, report)
+        reports.append(report)
+    print(file=sys.stderr)
+    extra = {"turns": args.turns, "conversations": args.conversations, "facts": args.facts, "budget": args.budget,
+             "dense": args.dense, "model": None if llm is None else llm.describe(), "conversation_tokens": sizes,
+             "threads": torch.get_num_threads()}
+    write_results("memory", HEADERS, [r.row() for r in reports], extra, args.out)
     return 0
 
 

@@ -81,6 +81,13 @@ class SpeculativeMode(enum.Enum):
 MAX_SPECULATIVE_TOKENS = 16
 
 
+class KVPolicy(enum.Enum):
+    """`--kv-policy`: what a sequence keeps in the KV cache (freehold.kv.sink)."""
+
+    FULL = "full"  # every token, up to the context length
+    SINK = "sink"  # StreamingLLM: the first sink_tokens (whole blocks) and a sliding window of the last tokens
+
+
 class KVDtype(enum.Enum):
     """What the KV cache stores (`--kv-dtype`). Attention always computes in the activation dtype."""
 
@@ -105,13 +112,16 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; None: `kv_cache_fraction` of free memory
     kv_cache_fraction: float = 0.25
-    max_num_seqs: int = 32
+    max_num_seqs: int = 64  # measured: 64 clients halve their TTFT p99 against 32 (docs/performance.md, issue 19)
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # None: the model's context length
     enable_prefix_caching: bool = True
     seed: int = 0
     speculative: SpeculativeMode = SpeculativeMode.OFF
     num_speculative_tokens: int = 8  # the most draft tokens a sequence proposes per step (adaptive below that)
+    kv_policy: KVPolicy = KVPolicy.FULL  # the default of requests that do not set SamplingParams.kv_policy
+    sink_tokens: int = 4  # kv_policy "sink": attention sinks, rounded up to whole blocks (4 -> one block)
+    window: int = 2048  # kv_policy "sink": recent tokens kept, rounded up to whole blocks
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -133,6 +143,16 @@ class EngineConfig:
         if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
             raise InvalidRequestError(f"num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], "
                                       f"got {self.num_speculative_tokens}", param="num_speculative_tokens")
+        if isinstance(self.kv_policy, str) and self.kv_policy in {p.value for p in KVPolicy}:
+            object.__setattr__(self, "kv_policy", KVPolicy(self.kv_policy))  # LLM(kv_policy="sink")
+        if not isinstance(self.kv_policy, KVPolicy):
+            raise InvalidRequestError(f"kv_policy must be one of {', '.join(p.value for p in KVPolicy)}, "
+                                      f"got {self.kv_policy!r}", param="kv_policy")
+        if self.sink_tokens < 0:
+            raise InvalidRequestError(f"sink_tokens must be >= 0, got {self.sink_tokens}", param="sink_tokens")
+        if self.window < self.block_size:
+            raise InvalidRequestError(f"window must hold at least one block of {self.block_size} tokens, "
+                                      f"got {self.window}", param="window")
         if not 0.0 < self.kv_cache_fraction <= 1.0:
             raise InvalidRequestError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
 

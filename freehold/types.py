@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+from freehold.config import KVPolicy
 from freehold.constrain.spec import Constraint
 from freehold.errors import FreeholdError, InvalidRequestError
 
@@ -39,7 +41,15 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: chosen token plus top-k alternatives
+    # with logprobs: also the same k under this request's sampling settings (TokenLogprob.processed)
+    processed_logprobs: bool = False
     n: int = 1
+    # speculative decoding for this request: None = the engine's setting, 0 = off, k = at most k draft tokens per
+    # step (k may not exceed the engine's --num-speculative-tokens; Engine.check_request says why)
+    num_speculative_tokens: int | None = None
+    # what the sequence keeps in the KV cache: None = the engine's kv_policy; "sink" = attention sinks + a sliding
+    # window (freehold.kv.sink): max_tokens may then run past the context length, evicted tokens are gone
+    kv_policy: KVPolicy | None = None
     constraint: Constraint | None = None  # structured output: a compiled grammar the text must match
     # None: off; k: each prompt token's logprob (given the tokens before it) plus the top-k alternatives, reported
     # once on the request's output after its prefill (RequestOutput.prompt_logprobs); allows max_tokens 0
@@ -66,7 +76,13 @@ class SamplingParams:
                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         _check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
                f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
+        _check(not self.processed_logprobs or self.logprobs is not None, "processed_logprobs",
+               "processed_logprobs requires logprobs")
         _check(1 <= self.n <= 16, "n", f"n must be in [1, 16], got {self.n}")
+        _check(self.num_speculative_tokens is None or self.num_speculative_tokens >= 0, "num_speculative_tokens",
+               f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
+        _check(self.kv_policy is None or isinstance(self.kv_policy, KVPolicy), "kv_policy",
+               f"kv_policy must be one of {', '.join(p.value for p in KVPolicy)}, got {self.kv_policy!r}")
         _check(self.seed is None or -(2**63) <= self.seed < 2**63, "seed",
                f"seed must be a 64-bit signed integer, got {self.seed}")
         _check(self.constraint is None or self.min_tokens == 0, "min_tokens",
@@ -85,12 +101,21 @@ def _check(ok: bool, param: str, message: str) -> None:
         raise InvalidRequestError(message, param=param)
 
 
+class ProcessedLogprobs(NamedTuple):
+    """A token's logprob and the top alternatives in the distribution it was drawn from (after penalties, masks,
+    temperature, top-k, top-p, min-p: freehold.sampling.logprobs.processed_logprobs)."""
+
+    logprob: float  # the chosen token's
+    top: tuple[tuple[int, float], ...]  # (token_id, logprob), most likely first; tokens with probability 0 left out
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...]  # (token_id, logprob), most likely first
     rank: int | None = None  # 1 + the number of tokens more likely than token_id (vLLM's rank); None: not computed
+    processed: ProcessedLogprobs | None = None  # SamplingParams.processed_logprobs; None: not asked for
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from freehold.bench import (embed, generate, prefix, quant, sampling, serve, spec, structured, throughput, tools,
-                            vectors)
+from freehold.bench import (embed, generate, prefix, quant, sampling, serve, spec, step, structured, throughput,
+                            tools, vectors)
 from freehold.bench.common import DEFAULT_RESULTS_DIR
 
 BENCHMARKS = {
@@ -20,6 +20,7 @@ BENCHMARKS = {
     "serve": (serve, "HTTP load generator against freehold serve (TTFT, ITL, output tokens/s)"),
     "vectors": (vectors, "dense index at scale: build time, bytes/vector, top-10 p50/p99, recall@10 vs exact"),
     "spec": (spec, "speculative decoding (n-gram) off vs on: decode tok/s, acceptance, on extractive and chat work"),
+    "step": (step, "where one decode step's time goes at batch 1 and 64: matmuls, lm head, attention, sampling ..."),
     "embed": (embed, "embeddings/s vs sentence-transformers at batch 1 and 32, with the vectors' max |delta|"),
 }
 

@@ -5,16 +5,20 @@ with a prompt of 64-512 tokens cut from the pydoc topics text (a different windo
 cache does not hide prefill) and 64-256 greedy output tokens with ignore_eos. Lengths come from `--seed`.
 
 Per level it reports time to first token and inter-token latency (gaps between streamed text chunks, about one
-token each) at p50/p99, output tokens/s and total time; prints a table and writes JSON (`--out`/serve.json,
-default ./bench-results/serve.json).
+token each) at p50/p99, output tokens/s and total time; prints a table and writes `--out`/serve.json and serve.md
+(default ./bench-results/). `--sweep LEVELS` runs issue 19's concurrency sweep: the levels given, 64 requests
+per level of the workload above, and a PNG plot (`--plot`, default `--out`/serve.png) of output tok/s and TTFT
+p50/p99 against concurrency (needs matplotlib: the `inspect` extra).
 
     freehold bench serve --quick                       # starts its own server on a free port
     freehold bench serve --url http://127.0.0.1:8000   # against a running server (default model's tokenizer)
+    freehold bench serve --sweep 1,4,16,64             # the sweep, with serve.png
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import random
 import socket
@@ -22,10 +26,16 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import httpx
 
+from freehold.bench.common import write_results
+from freehold.errors import FreeholdError
+
 QUICK = {"num_requests": 8, "concurrency": [1, 4], "input_len": (32, 64), "output_len": (16, 32)}
+SWEEP = {"num_requests": 64, "input_len": (64, 512), "output_len": (64, 256)}  # issue 19's workload per level
+DEFAULT_LEVELS = "1,8,32"
 
 
 @dataclass
@@ -58,12 +68,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, help="`model` field to send (default: ask the server)")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--num-requests", type=int, default=64, help="requests per concurrency level")
-    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels (default: 1,8,32)")
+    parser.add_argument("--concurrency", default=None, help=f"comma-separated levels (default: {DEFAULT_LEVELS})")
+    parser.add_argument("--sweep", default=None, metavar="LEVELS",
+                        help=f"concurrency sweep, e.g. 1,4,16,64: these levels, {SWEEP['num_requests']} requests "
+                             f"each, inputs {SWEEP['input_len']}, outputs {SWEEP['output_len']}, and a plot")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="PNG of output tok/s and TTFT p50/p99 against concurrency (default with --sweep: "
+                             "OUT/serve.png; needs matplotlib, the `inspect` extra)")
     parser.add_argument("--input-len", default="64,512", help="prompt tokens, min,max (default: 64,512)")
     parser.add_argument("--output-len", default="64,256", help="output tokens, min,max (default: 64,256)")
     parser.add_argument("--seed", type=int, default=0, help="workload seed (lengths and prompt windows)")
     parser.add_argument("--kv-cache-memory", default=None, help="for the started server, e.g. 1G")
     parser.add_argument("--max-num-seqs", default=None, help="for the started server")
+    parser.add_argument("--max-num-batched-tokens", default=None, help="for the started server")
     parser.add_argument("--quick", action="store_true",
                         help=f"small run: {QUICK['num_requests']} requests at {QUICK['concurrency']}, "
                              f"inputs {QUICK['input_len']}, outputs {QUICK['output_len']}")
@@ -71,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     levels, num_requests, input_len, output_len = _workload_shape(args)
+    plot = plot_path(args)
+    if plot is not None:
+        require_matplotlib()  # before the server starts and the levels run
     server = None if args.url else _start_server(args)
     url = args.url or server[0]
     try:
@@ -78,22 +98,36 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             _stop_server(server[1])
-    _print_table(reports)
-    args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"url": url, "model": model, "num_requests": num_requests, "input_len": input_len,
-               "output_len": output_len, "seed": args.seed, "quick": args.quick,
-               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "levels": [asdict(r) for r in reports]}
-    (args.out / "serve.json").write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {args.out / 'serve.json'}")
+    extra = {"url": url, "model": model, "num_requests": num_requests, "input_len": input_len,
+             "output_len": output_len, "seed": args.seed, "quick": args.quick, "sweep": args.sweep is not None,
+             "levels": [asdict(r) for r in reports]}
+    write_results("serve", TABLE_HEADERS, table_rows(reports), extra, args.out)
+    if plot is not None:
+        print(f"wrote {plot_sweep(reports, plot, title=f'{model}: {num_requests} requests per level')}")
     return 1 if any(r.num_failed for r in reports) else 0
 
 
 # ---- workload -----------------------------------------------------------------------------------------------------
 def _workload_shape(args: argparse.Namespace) -> tuple[list[int], int, tuple[int, int], tuple[int, int]]:
+    if args.sweep is not None and args.concurrency is not None:
+        raise SystemExit("give the levels once: --sweep LEVELS or --concurrency LEVELS")
+    levels = _levels(args.sweep or args.concurrency or DEFAULT_LEVELS)
     if args.quick:
-        return QUICK["concurrency"], QUICK["num_requests"], QUICK["input_len"], QUICK["output_len"]
-    return ([int(c) for c in args.concurrency.split(",")], args.num_requests, _pair(args.input_len),
-            _pair(args.output_len))
+        return (levels if args.sweep else QUICK["concurrency"]), QUICK["num_requests"], QUICK["input_len"], \
+            QUICK["output_len"]
+    if args.sweep is not None:
+        return levels, SWEEP["num_requests"], SWEEP["input_len"], SWEEP["output_len"]
+    return levels, args.num_requests, _pair(args.input_len), _pair(args.output_len)
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"expected comma-separated concurrency levels such as 1,4,16,64, got {text!r}") from None
+    if min(levels) < 1:
+        raise SystemExit(f"concurrency levels must be >= 1, got {text!r}")
+    return levels
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -210,14 +244,55 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
 
-def _print_table(reports: list[LevelReport]) -> None:
-    header = (f"{'conc':>5} {'reqs':>5} {'fail':>4} {'total s':>8} {'out tok/s':>10} {'TTFT p50':>9} "
-              f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}   (latencies in ms)")
-    print(header)
-    for r in reports:
-        print(f"{r.concurrency:>5} {r.num_requests:>5} {r.num_failed:>4} {r.total_time_s:>8.1f} "
-              f"{r.output_tokens_per_s:>10.1f} {r.ttft_p50_ms:>9.0f} {r.ttft_p99_ms:>9.0f} {r.itl_p50_ms:>8.1f} "
-              f"{r.itl_p99_ms:>8.1f}")
+TABLE_HEADERS = ["concurrency", "requests", "failed", "total s", "output tok/s", "TTFT p50 ms", "TTFT p99 ms",
+                 "ITL p50 ms", "ITL p99 ms"]
+
+
+def table_rows(reports: list[LevelReport]) -> list[list]:
+    return [[r.concurrency, r.num_requests, r.num_failed, r.total_time_s, r.output_tokens_per_s, r.ttft_p50_ms,
+             r.ttft_p99_ms, r.itl_p50_ms, r.itl_p99_ms] for r in reports]
+
+
+# ---- the sweep's plot ---------------------------------------------------------------------------------------------
+def plot_path(args: argparse.Namespace) -> Path | None:
+    """--plot, or with --sweep OUT/serve.png; None: no plot."""
+    if args.plot is not None:
+        return args.plot
+    return args.out / "serve.png" if args.sweep is not None else None
+
+
+def require_matplotlib() -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        raise FreeholdError("the plot of `freehold bench serve` needs matplotlib, which is not installed: "
+                            "pip install 'freehold[inspect]'")
+
+
+def plot_sweep(reports: list[LevelReport], path: Path, title: str = "") -> Path:
+    """A PNG with two panels over concurrency (log2 x axis): output tok/s, and TTFT p50/p99 in seconds."""
+    require_matplotlib()
+    from matplotlib.figure import Figure  # Agg canvas through Figure.savefig; no pyplot global state
+
+    levels = [r.concurrency for r in reports]
+    fig = Figure(figsize=(9.0, 3.6))
+    throughput, ttft = fig.subplots(1, 2)
+    throughput.plot(levels, [r.output_tokens_per_s for r in reports], "o-", color="tab:blue")
+    throughput.set_ylabel("output tokens/s")
+    ttft.plot(levels, [r.ttft_p50_ms / 1000 for r in reports], "o-", color="tab:green", label="p50")
+    ttft.plot(levels, [r.ttft_p99_ms / 1000 for r in reports], "s--", color="tab:red", label="p99")
+    ttft.set_ylabel("time to first token (s)")
+    ttft.legend()
+    for ax in (throughput, ttft):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+    return path
 
 
 # ---- a server of our own ------------------------------------------------------------------------------------------
@@ -228,7 +303,8 @@ def _start_server(args: argparse.Namespace) -> tuple[str, subprocess.Popen]:
     cmd = [sys.executable, "-m", "freehold.server.main", "--port", str(port)]
     kv_cache_memory = args.kv_cache_memory or ("512M" if args.quick else None)
     for flag, value in (("--model", args.model), ("--kv-cache-memory", kv_cache_memory),
-                        ("--max-num-seqs", args.max_num_seqs), ("--api-key", args.api_key)):
+                        ("--max-num-seqs", args.max_num_seqs),
+                        ("--max-num-batched-tokens", args.max_num_batched_tokens), ("--api-key", args.api_key)):
         if value is not None:
             cmd += [flag, str(value)]
     process = subprocess.Popen(cmd)

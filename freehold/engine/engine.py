@@ -2,6 +2,10 @@
 
     step = schedule -> forward -> sample -> update
 
+A request whose kv_policy is "sink" (freehold.kv.sink) keeps its sinks and a sliding window only: its prompt and
+max_tokens may exceed the context length, it never drafts, and each step first re-rotates the window keys that the
+scheduler's evictions moved.
+
 A request with prompt logprobs gets them from the forward of its own prefill (freehold.engine.prompt_logprobs),
 on its first output after the prompt; with max_tokens 0 it ends there ("length") without drawing a token.
 """
@@ -14,7 +18,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from freehold.config import EngineConfig, ModelConfig, SpeculativeMode
+from freehold.config import EngineConfig, KVPolicy, ModelConfig, SpeculativeMode
 from freehold.constrain.matcher import BitmaskFiller, GrammarState
 from freehold.engine.memory import KVBudget, create_kv_cache, plan_kv
 from freehold.engine.runner import ForwardOutput, ModelRunner
@@ -24,6 +28,7 @@ from freehold.engine.draft import DraftModel
 from freehold.engine.speculation import Speculator
 from freehold.errors import FreeholdError, InvalidRequestError, PromptTooLongError
 from freehold.kv.block_pool import BlockPool
+from freehold.kv.sink import SinkWindow
 from freehold.layers.attention import KVCache
 from freehold.models.llama import LlamaForCausalLM
 from freehold.sampling.sampler import Sampler, SamplerOutput, SamplingRow
@@ -72,6 +77,9 @@ class Engine:
         draft_model = DraftModel(draft[0], draft[1], model_config, config, self.budget.num_blocks, draft[2]) \
             if draft is not None and config.speculative is SpeculativeMode.DRAFT else None
         self.speculator = Speculator(config, self.max_model_len, draft_model)
+        self.sink, self.sink_error = self._plan_sink()
+        if config.kv_policy is KVPolicy.SINK and self.sink is None:
+            raise InvalidRequestError(f"kv_policy 'sink': {self.sink_error}", param="window")
         self.requests: dict[str, list[Sequence]] = {}
         self._arrivals = itertools.count()
         self.num_preemptions = 0
@@ -82,9 +90,10 @@ class Engine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self.check_request(prompt_token_ids, params)
+        sink = self.sink if self.kv_policy(params) is KVPolicy.SINK else None
         seqs = [Sequence(request_id, i, list(prompt_token_ids), params, next(self._arrivals),
                          make_generator(params.seed, i),
-                         grammar=GrammarState(params.constraint) if params.constraint is not None else None)
+                         grammar=GrammarState(params.constraint) if params.constraint is not None else None, sink=sink)
                 for i in range(params.n)]
         for sibling in seqs[1:]:
             sibling.parent = seqs[0]
@@ -101,17 +110,57 @@ class Engine:
         bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
             raise InvalidRequestError(f"prompt has token ids outside the vocabulary: {bad[:5]}", param="prompt")
+        sink = self.kv_policy(params) is KVPolicy.SINK
+        if sink and self.sink is None:
+            raise InvalidRequestError(f"kv_policy 'sink' is not available on this engine: {self.sink_error}",
+                                      param="kv_policy")
+        if sink and params.num_speculative_tokens:
+            raise InvalidRequestError("kv_policy 'sink' runs without speculative decoding: leave "
+                                      "num_speculative_tokens unset or 0", param="num_speculative_tokens")
         generated = 0 if params.max_tokens == 0 else 1  # a prompt-only request (prompt logprobs) may fill the context
-        if n + generated > self.max_model_len:
+        if n + generated > self.max_model_len and not sink:  # a sink sequence streams any length
             limit = "the model context length" if self.max_model_len == self.context_len else "the KV cache budget"
             plus = " plus at least one generated token" if generated else ""
             raise PromptTooLongError(
                 f"prompt has {n} tokens but {limit} allows {self.max_model_len} tokens (prompt{plus})", n,
                 self.max_model_len)
         self.sampler.check_params(params)
+        self._check_speculation(params.num_speculative_tokens)
         if params.constraint is not None and params.constraint.vocab_size != self.model_config.vocab_size:
             raise InvalidRequestError(f"the constraint was compiled for a vocabulary of {params.constraint.vocab_size} "
                                       f"tokens, the model has {self.model_config.vocab_size}", param="constraint")
+
+    def kv_policy(self, params: SamplingParams) -> KVPolicy:
+        """The request's KV policy: its own, else the engine's."""
+        return params.kv_policy or self.config.kv_policy
+
+    def _plan_sink(self) -> tuple[SinkWindow | None, str | None]:
+        """The engine's sink + window shape if it fits the KV budget and the RoPE positions; else why not."""
+        c = self.config
+        sink = SinkWindow.from_tokens(c.sink_tokens, c.window, c.block_size)
+        if sink.max_blocks > self.budget.num_blocks:
+            return None, (f"sink_tokens {c.sink_tokens} + window {c.window} need {sink.max_blocks} blocks of "
+                          f"{c.block_size} tokens per sequence (sinks and window in whole blocks, plus an eviction "
+                          f"step of {sink.evict_tokens} tokens), above the KV budget of {self.budget.num_blocks} "
+                          f"blocks ({self.budget.num_tokens} tokens)")
+        if sink.max_cache_len > self.context_len:
+            return None, (f"sink_tokens {c.sink_tokens} + window {c.window} put tokens at positions up to "
+                          f"{sink.max_cache_len - 1}, beyond the context length of {self.context_len}")
+        return sink, None
+
+    def _check_speculation(self, k: int | None) -> None:
+        """A request may lower its draft length or turn speculation off; it may not turn on what the engine runs
+        without, or draft deeper than the engine's setting."""
+        if not k:
+            return
+        if self.config.speculative is SpeculativeMode.OFF:
+            raise InvalidRequestError(f"num_speculative_tokens={k} asks for speculative decoding, which this engine "
+                                      "runs without (start it with --speculative ngram or draft)",
+                                      param="num_speculative_tokens")
+        if k > self.config.num_speculative_tokens:
+            raise InvalidRequestError(f"num_speculative_tokens must be in [0, {self.config.num_speculative_tokens}] "
+                                      f"(the engine's --num-speculative-tokens), got {k}",
+                                      param="num_speculative_tokens")
 
     def abort_request(self, request_id: str) -> None:
         for seq in self.requests.pop(request_id, []):
@@ -138,6 +187,7 @@ class Engine:
         self.num_preemptions += len(batch.preempted)
         if batch.empty:
             return []
+        self.runner.shift_keys(batch.evictions)  # sink sequences: kept window keys follow their new positions
         started = time.perf_counter()
         forward = self.runner.forward(batch.chunks)
         sampled = self.sampler.sample(forward.logits, self._sampling_rows(forward.sampling_chunks), overwrite=True)
@@ -154,7 +204,19 @@ class Engine:
                            spec.num_verifications)
 
     def check_integrity(self) -> None:
+        """The pool agrees with the block tables (BlockPool.check_integrity); a running sink sequence holds exactly
+        the blocks its cache needs, at most its max_blocks, and no window block of it is in the prefix cache."""
         self.pool.check_integrity(self.scheduler.block_tables())
+        bs = self.pool.block_size
+        for seq in self.scheduler.running:
+            if seq.sink is None:
+                continue
+            held, needed = len(seq.block_table), -(-seq.cache_len // bs)
+            assert held == needed <= seq.sink.max_blocks, (
+                f"sink sequence {seq.request_id}/{seq.index} holds {held} blocks for {seq.cache_len} cached tokens "
+                f"(needs {needed}, at most {seq.sink.max_blocks})")
+            keyed = [b for b in seq.block_table[seq.sink.num_sink_blocks:] if self.pool.keys[b] is not None]
+            assert not keyed, f"sink sequence {seq.request_id}/{seq.index}: window blocks {keyed} in the prefix cache"
 
     def reset_prefix_cache(self) -> int:
         return self.pool.reset_prefix_cache()
@@ -197,7 +259,8 @@ class Engine:
             assert seq.prompt_logprobs is not None
             seq.prompt_logprobs += values
         for chunk in batch.chunks:
-            chunk.seq.num_computed_tokens += chunk.num_tokens - chunk.num_drafts  # drafts count once accepted
+            seq = chunk.seq  # drafts count once accepted; a sink sequence may skip from its sinks to its window
+            seq.num_computed_tokens = seq.resume_point(seq.num_computed_tokens + chunk.num_tokens - chunk.num_drafts)
             self._register_full_blocks(chunk.seq)
             if chunk.completes and not chunk.samples:
                 chunk.seq.finish_reason = FinishReason.LENGTH
@@ -249,6 +312,8 @@ class Engine:
     def _register_full_blocks(self, seq: Sequence) -> None:
         seq.update_block_keys(self.pool.block_size)
         num_full = min(seq.num_computed_tokens // self.pool.block_size, len(seq.block_keys))
+        if seq.sink is not None:  # only the sinks: window blocks are rotated in place
+            num_full = min(num_full, seq.sink.num_sink_blocks)
         for i in range(num_full):
             self.pool.register(seq.block_table[i], seq.block_keys[i])
 
@@ -259,7 +324,7 @@ class Engine:
         if len(seq.output_token_ids) >= p.min_tokens:
             if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
                 return FinishReason.STOP
-        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if len(seq.output_token_ids) >= p.max_tokens or (seq.sink is None and seq.num_tokens >= self.max_model_len):
             return FinishReason.LENGTH
         return None
 

@@ -5,6 +5,7 @@ decode rows (a generated token's, a short prompt's, every logits row) or prompt 
 matmul path never depends on what else is in the batch."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -13,8 +14,9 @@ import torch
 from freehold.config import MAX_SPECULATIVE_TOKENS
 from freehold.engine import prompt_logprobs
 from freehold.engine.prompt_logprobs import PromptLogprobRows
-from freehold.engine.scheduler import ScheduledChunk
+from freehold.engine.scheduler import Eviction, ScheduledChunk
 from freehold.engine.sequence import Sequence
+from freehold.kv import sink
 from freehold.layers.attention import AttentionMetadata, KVCache, PrefillChunk
 from freehold.models.llama import LlamaForCausalLM
 from freehold.quant.compute import GEMM_MIN_PROMPT_TOKENS, RowKind, row_kinds
@@ -58,24 +60,34 @@ class ModelRunner:
         with row_kinds(RowKind.DECODE):  # every row the engine asks logits for is sampled from
             return ForwardOutput(self.model.compute_logits(hidden[inp.logit_rows]), inp.sampling_chunks, scored)
 
+    def shift_keys(self, evictions: tuple[Eviction, ...]) -> None:
+        """Re-rotate the window keys that sink sequences keep after this step's evictions (freehold.kv.sink)."""
+        for eviction in evictions:
+            sink.shift_keys(self.cache, self.model.rope, list(eviction.blocks), eviction.shift)
+
     def prepare_input(self, chunks: tuple[ScheduledChunk, ...]) -> ModelInput:
         """Decode chunks (`_decodes`: each token a decode row attending to the sequence up to itself, the same
-        computation as decoding it alone) first, then prefill chunks."""
+        computation as decoding it alone) first, then prefill chunks. Slots, RoPE positions and context lengths are
+        cache indices (`Sequence.cache_index`: the token positions, unless a sink sequence evicted tokens)."""
         decodes = [c for c in chunks if _decodes(c)]
         prefills = [c for c in chunks if not _decodes(c)]
         ids, positions, slots, decode_rows = [], [], [], []
         for c in decodes + prefills:
             ids += _chunk_ids(c)
-            pos = list(range(c.start, c.start + c.num_tokens))
+            first = c.seq.cache_index(c.start)  # a chunk never spans evicted tokens
+            pos = list(range(first, first + c.num_tokens))
             positions += pos
-            decode_rows += self._decode_rows(c.seq, pos)
+            decode_rows += self._decode_rows(c.seq, list(range(c.start, c.start + c.num_tokens)))
             table = c.seq.block_table
             slots += [table[p // self.block_size] * self.block_size + p % self.block_size for p in pos]
-        decode_lens = [p + 1 for c in decodes for p in range(c.start, c.start + c.num_tokens)]
+        decode_lens = [p + 1 for c in decodes for p in range(c.seq.cache_index(c.start),
+                                                             c.seq.cache_index(c.start) + c.num_tokens)]
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots), num_decode=len(decode_lens),
             decode_block_tables=self._decode_tables(decodes, decode_lens) if decodes else None,
             decode_context_lens=self._tensor(decode_lens) if decodes else None,
+            decode_runs=self._tensor(list(itertools.accumulate((c.num_tokens for c in decodes), initial=0)))
+            if decodes else None,
             prefills=self._prefill_chunks(prefills, len(decode_lens)))
         rows, sampling, scored, row = [], [], [], 0
         for c in decodes + prefills:
@@ -112,7 +124,7 @@ class ModelRunner:
     def _prefill_chunks(self, prefills: list[ScheduledChunk], first_row: int) -> tuple[PrefillChunk, ...]:
         out, row = [], first_row
         for c in prefills:
-            context = c.start + c.num_tokens
+            context = c.seq.cache_index(c.start) + c.num_tokens
             table = self._tensor(c.seq.block_table[:-(-context // self.block_size)])
             out.append(PrefillChunk(row, row + c.num_tokens, context, table))
             row += c.num_tokens

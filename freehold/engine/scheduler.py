@@ -7,11 +7,16 @@ Waiting sequences are admitted FIFO while blocks, budget and max_num_seqs allow 
 When a running sequence needs a block and none is free, the newest running sequence is preempted: its blocks are
 freed and it goes back to the front of the queue to be recomputed later (its prefix is usually still cached).
 A sequence that still needs prompt logprobs takes no cache hit over those positions (freehold.engine.prompt_logprobs).
+A sink sequence (freehold.kv.sink) frees its oldest E window tokens when its window is full (W + E tokens) and
+its chunks never cross such an eviction point (`SchedulerOutput.evictions`: the engine re-rotates the keys it
+keeps); it takes cache hits on its sink blocks only. Preempted, it rebuilds its cache from its sinks and its window
+tokens: the KV of those tokens seen afresh, no longer what the evicted tokens shaped.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from freehold.engine.sequence import Sequence, SequenceStatus
 from freehold.kv.block_pool import BlockPool
@@ -40,10 +45,18 @@ class ScheduledChunk:
         return self.completes and self.seq.params.max_tokens > 0
 
 
+class Eviction(NamedTuple):
+    """A sink sequence freed `shift` tokens of its window: the keys it keeps in `blocks` move `shift` positions back."""
+
+    blocks: tuple[int, ...]
+    shift: int
+
+
 @dataclass(frozen=True)
 class SchedulerOutput:
     chunks: tuple[ScheduledChunk, ...]
     preempted: tuple[Sequence, ...]
+    evictions: tuple[Eviction, ...] = ()  # to apply before the step's forward
 
     @property
     def empty(self) -> bool:
@@ -63,13 +76,15 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> SchedulerOutput:
-        budget, chunks, preempted = self.max_num_batched_tokens, [], []
+        budget, chunks, preempted, evictions = self.max_num_batched_tokens, [], [], {}
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_uncomputed, budget)
+            n = min(seq.num_uncomputed, budget, seq.max_chunk(seq.num_computed_tokens) or budget)
+            if seq.sink is not None:
+                evictions[seq] = self._evict(seq, n)
             if not self._grow_or_preempt(seq, n, preempted):
                 continue
             k = self._fit_drafts(seq, n)
@@ -82,7 +97,8 @@ class Scheduler:
             self.waiting.popleft()
             chunks.append(chunk)
             budget -= chunk.num_tokens
-        return SchedulerOutput(tuple(chunks), tuple(preempted))
+        kept = tuple(e for seq, e in evictions.items() if e is not None and seq.status is SequenceStatus.RUNNING)
+        return SchedulerOutput(tuple(chunks), tuple(preempted), kept)  # a preempted sequence's blocks are not its own
 
     def finish(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence's blocks, keeping full blocks cached for reuse."""
@@ -99,7 +115,7 @@ class Scheduler:
 
     # -- private ------------------------------------------------------------------------------------------
     def _blocks_needed(self, seq: Sequence, num_new: int) -> int:
-        total = -(-(seq.num_computed_tokens + num_new) // self.pool.block_size)
+        total = -(-(seq.cache_len + num_new) // self.pool.block_size)
         return max(0, total - len(seq.block_table))
 
     def _grow_or_preempt(self, seq: Sequence, n: int, preempted: list[Sequence]) -> bool:
@@ -113,6 +129,19 @@ class Scheduler:
                 return False
         seq.block_table += self.pool.allocate(need)
         return True
+
+    def _evict(self, seq: Sequence, n: int) -> Eviction | None:
+        """Free the sink sequence's oldest E window tokens if its window is full (n is at most its max_chunk)."""
+        assert seq.sink is not None
+        k = seq.sink.num_blocks_to_evict(seq.cache_len, n)
+        if k == 0:
+            return None
+        first = seq.sink.num_sink_blocks
+        self.pool.free(seq.block_table[first:first + k])
+        del seq.block_table[first:first + k]
+        seq.num_evicted_tokens += k * self.pool.block_size
+        computed = -(-seq.cache_len // self.pool.block_size)  # blocks holding KV (not the ones for this chunk)
+        return Eviction(tuple(seq.block_table[first:computed]), k * self.pool.block_size)
 
     def _fit_drafts(self, seq: Sequence, n: int) -> int:
         """Keep the sequence's drafts that get KV blocks without preempting anyone; outside the token budget, so
@@ -149,12 +178,15 @@ class Scheduler:
         bs = self.pool.block_size
         seq.update_block_keys(bs)
         max_hit_blocks = (seq.num_tokens - 1) // bs  # always compute at least the last token
+        if seq.sink is not None:  # window blocks are rotated in place: never shared
+            max_hit_blocks = min(max_hit_blocks, seq.sink.num_sink_blocks)
         needed = seq.next_prompt_logprob_position
         if needed is not None:  # prompt logprobs need hidden states, which the cache does not keep (vLLM skips the
             max_hit_blocks = min(max_hit_blocks, needed // bs)  # prefix cache for such requests; so do we)
         hits = self.pool.lookup(seq.block_keys[:max_hit_blocks])
         num_cached = len(hits) * bs
-        n = min(seq.num_tokens - num_cached, budget)
+        start = seq.resume_point(num_cached)
+        n = min(seq.num_tokens - start, budget, seq.max_chunk(start) or budget)
         need = -(-(num_cached + n) // bs) - len(hits)
         # blocks found in the free queue (cached, unreferenced) are not available for allocation
         reused_free = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
@@ -162,11 +194,11 @@ class Scheduler:
             return None
         self.pool.acquire(hits)
         seq.block_table = hits + self.pool.allocate(need)
-        seq.num_computed_tokens = num_cached
+        seq.num_computed_tokens = start
         if not seq.admitted_once:
             seq.num_cached_tokens = num_cached
             seq.admitted_once = True
             self.pool.record_lookup(len(seq.prompt_token_ids), num_cached)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
-        return ScheduledChunk(seq, num_cached, n)
+        return ScheduledChunk(seq, start, n)

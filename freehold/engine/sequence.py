@@ -8,6 +8,7 @@ import torch
 
 from freehold.constrain.matcher import GrammarState
 from freehold.kv.block_pool import BlockKey, block_key
+from freehold.kv.sink import SinkWindow
 from freehold.spec.policy import SpecState
 from freehold.types import FinishReason, SamplingParams, TokenLogprob
 
@@ -47,6 +48,10 @@ class Sequence:
     # until verified) and the sequence's proposer state (None when the engine does not speculate)
     draft_token_ids: list[int] = field(default_factory=list)
     spec: SpecState | None = None
+    # kv_policy "sink" (freehold.kv.sink): the sink + window shape, and the tokens after the sinks whose KV was freed
+    # (tokens [num_sink_tokens, num_sink_tokens + num_evicted_tokens) are gone from the cache for good)
+    sink: SinkWindow | None = None
+    num_evicted_tokens: int = 0
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without copying the whole sequence (called every step)."""
@@ -60,6 +65,33 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def cache_len(self) -> int:
+        """Tokens whose KV is in the sequence's cache (a sink sequence's evicted tokens are not)."""
+        return self.num_computed_tokens - self.num_evicted_tokens
+
+    def cache_index(self, token: int) -> int:
+        """Where token `token` (not an evicted one) sits in the sequence's cache: its slot and its RoPE position."""
+        if self.sink is not None and token >= self.sink.num_sink_tokens:
+            return token - self.num_evicted_tokens
+        return token
+
+    def resume_point(self, num_computed: int) -> int:
+        """The next token to compute once tokens [0, num_computed) are computed: a sink sequence that rebuilds its
+        cache (after preemption) goes from its last sink token on to its window, over the tokens it evicted."""
+        if self.sink is not None and self.num_evicted_tokens and num_computed == self.sink.num_sink_tokens:
+            return num_computed + self.num_evicted_tokens
+        return num_computed
+
+    def max_chunk(self, start: int) -> int | None:
+        """The most tokens one chunk from token `start` may hold (None: no limit): a sink sequence's chunk never
+        crosses an eviction point (SinkWindow.max_chunk), and stops at the sinks when evicted tokens follow them."""
+        if self.sink is None:
+            return None
+        if self.num_evicted_tokens and start < self.sink.num_sink_tokens:
+            return self.sink.num_sink_tokens - start
+        return self.sink.max_chunk(self.cache_index(start))
 
     @property
     def num_uncomputed(self) -> int:

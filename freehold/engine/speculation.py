@@ -55,7 +55,7 @@ class Speculator:
         for seq in running:
             seq.draft_token_ids = []
             if seq.num_uncomputed == 1 and seq.grammar is None and seq.next_prompt_logprob_position is None \
-                    and self._room(seq) > 0:
+                    and seq.sink is None and self._room(seq) > 0:  # a sink sequence never drafts
                 seq.spec = seq.spec or SpecState()
                 candidates.append(seq)
         if self.draft is not None:
@@ -68,9 +68,10 @@ class Speculator:
                 seq.draft_token_ids = seq.spec.index.propose(seq.token_ids, seq.num_tokens, k)  # type: ignore[union-attr]
 
     def _room(self, seq: Sequence) -> int:
-        """The most drafts the sequence may verify: within max_tokens and the context after the bonus token."""
-        return min(self.max_drafts, seq.params.max_tokens - len(seq.output_token_ids) - 1,
-                   self.max_model_len - seq.num_tokens - 1)
+        """The most drafts the sequence may verify: within its request's num_speculative_tokens (default: the
+        engine's), max_tokens and the context after the bonus token."""
+        limit = self.max_drafts if seq.params.num_speculative_tokens is None else seq.params.num_speculative_tokens
+        return min(limit, seq.params.max_tokens - len(seq.output_token_ids) - 1, self.max_model_len - seq.num_tokens - 1)
 
     def _propose_from_draft_model(self, candidates: list[Sequence], num_running: int) -> None:
         """One depth for the step (the draft model runs it for all candidates at once), from the cost models, once

@@ -45,7 +45,8 @@ def _within(kernel: str, name: str, t: torch.Tensor, low: int, high: int) -> Non
 
 # -- paged decode attention (paged_attention.c) ------------------------------------------------------------------
 def paged_decode_step(view, q: torch.Tensor, new_kv: tuple[torch.Tensor, torch.Tensor] | None,
-                      tables: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor) -> None:
+                      tables: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor,
+                      runs: torch.Tensor | None = None) -> None:
     """A decode step's arguments against one layer's cache, once per step (every layer of a step has the same
     shapes and indices): block tables [B, max_blocks] within the pool, context lengths [B] within a table row's width
     (max_blocks * block_size; padding entries are block 0, inside the pool), the step's slots [T] within the cache; the query [B, H, D] contiguous fp32; new K/V rows
@@ -84,6 +85,21 @@ def paged_decode_step(view, q: torch.Tensor, new_kv: tuple[torch.Tensor, torch.T
     _within(kernel, "a block table", tables, 0, num_blocks)
     _within(kernel, "a context length", lens, 0, tables.shape[1] * block_size + 1)
     _within(kernel, "a slot", slots, 0, num_blocks * block_size)
+    if runs is not None:
+        _runs(kernel, runs, tables, lens)
+
+
+def _runs(kernel: str, runs: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor) -> None:
+    """Row offsets [R + 1] from 0 to B, increasing; within a run one block table and non-decreasing lengths (the
+    kernel reads a run's context through its last row's table, each row up to its own length)."""
+    _index(kernel, "runs", runs, 1)
+    batch = tables.shape[0]
+    if runs.shape[0] < 1 or int(runs[0]) != 0 or int(runs[-1]) != batch or bool((runs[1:] <= runs[:-1]).any()):
+        _fail(kernel, f"runs must be increasing row offsets from 0 to {batch}, got {runs.tolist()[:8]}")
+    first = torch.repeat_interleave(runs[:-1], runs[1:] - runs[:-1])  # each row's run's first row
+    same_run = first[1:] == first[:-1]
+    if bool((same_run & (lens[1:] < lens[:-1])).any()) or not torch.equal(tables[first], tables):
+        _fail(kernel, "the rows of a run must share one block table with non-decreasing context lengths")
 
 
 # -- products with packed weights (quant_matmul.c) ---------------------------------------------------------------

@@ -134,7 +134,7 @@ def paged_attention():
     """The `paged_decode_attention` C function (see paged_attention.c), or None."""
     return _function("paged_attention", "paged_decode_attention",
                      [_P, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float,
-                      _P, _P, _I64, _I64, _P])
+                      _P, _P, _I64, _I64, _P, _P, _I])
 
 
 @functools.cache

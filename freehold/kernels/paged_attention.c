@@ -1,14 +1,16 @@
-/* Decode attention straight from the paged KV cache: one query token per sequence, no gather copy.
-
-   For sequence b, query head h (KV head g = h / G, G = H / KVH) and its context of n tokens:
+/* Decode attention straight from the paged KV cache: query rows attend to their sequence's context in place, no
+   gather copy. For row b, query head h (KV head g = h / G, G = H / KVH) and its context of n_b tokens:
        s_t = scale * q[b,h] . K[slot(b,t), g]            slot(b,t) = table[b][t / bs] * bs + t % bs
        p_t = exp(s_t - max_u s_u) / sum_u exp(s_u - max_u s_u)
        out[b,h] = sum_t p_t V[slot(b,t), g]
-   A task is (b, g, a chunk of CHUNK tokens): its G query heads share every K/V row they read, so the cache is
-   read once per step; chunks of one sequence merge by their softmax statistics (flash-decoding), so one long
-   sequence still keeps every thread busy. Tasks run in parallel (OpenMP, the same libgomp torch uses); the
-   chunking is fixed by the context length alone, so a sequence gets the same result in any batch.
-
+   Rows come in runs: consecutive rows of one sequence (a decoded token and its draft tokens, or a short prompt
+   chunk), one table, context lengths non-decreasing (each row sees the sequence up to itself). A task is (up to
+   MAX_Q / G rows of a run, g, a chunk of CHUNK tokens): every query head of those rows that reads KV head g shares
+   each K/V row read, so a run's context is read once per step, not once per row; chunks merge by their softmax
+   statistics (flash-decoding), so one long sequence still keeps every thread busy. Tasks run in parallel (OpenMP,
+   the same libgomp torch uses). A row's arithmetic is the same whatever else is in its task: chunks are fixed by
+   the context length (a row's chunks past its own length are empty and skipped), and its dot products, exponents
+   and sums run the same instructions in the same order, so a row gets the same result in any batch or run.
    Cache element types: 0 = fp32, 1 = bf16, 2 = int8 with one fp16 scale per (slot, KV head). */
 #include <math.h>
 #include <stdint.h>
@@ -22,6 +24,7 @@
 #define MAX_G 16
 #define AHEAD 32  /* tokens of software prefetch distance */
 #define CHUNK 128  /* tokens per task */
+#define MAX_Q 64  /* query vectors per task: rows x G */
 
 static inline float bf16_to_float(uint16_t x) {
     uint32_t bits = (uint32_t)x << 16;
@@ -109,46 +112,85 @@ static inline Partial partial_at(float *m, float *l, float *acc, int64_t i, int 
     return p;
 }
 
-/* One task: the `group` query heads of KV head g over tokens [t0, t1) of a sequence of n_ctx (t1 - t0 <= CHUNK).
+/* K/V row `row` as fp32 (the widening is exact): the cache itself for fp32, else `buf`. */
+static inline __attribute__((always_inline)) const float *widen(const void *row, int dtype, float *buf,
+                                                                 const int head_dim) {
+    if (dtype == 0) return (const float *)row;
+    for (int i = 0; i < head_dim; i++) buf[i] = row_elem(row, dtype, i);
+    return buf;
+}
+
+/* q . k over head_dim in a fixed order (16 lanes, then the lanes' sum): the same for every row and task. */
+static inline __attribute__((always_inline)) float dot(const float *q, const float *k, const int head_dim) {
+    int i = 0;
+    float sum = 0.0f;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= head_dim; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(k + i), acc);
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < head_dim; i++) sum += q[i] * k[i];
+    return sum;
+}
+
+/* One task: `rows` consecutive rows of a run (context lengths lens[0..rows), the last the longest), the `group`
+   query heads of KV head g of each, over tokens [t0, t0 + CHUNK) of the run's sequence, each row up to its own
+   length (a row whose length ends before t0 gets an empty range: l = 0). parts[x]: row x's partial for this chunk.
    Inlined with a constant head_dim for the common sizes so the row loops unroll into registers. */
 static inline __attribute__((always_inline)) void attend(
-        const float *qg, Partial *part, const void *k_cache, const void *v_cache, const _Float16 *k_scales,
-        const _Float16 *v_scales, const int dtype, const int64_t *table, int64_t t0, int64_t t1, int64_t n_ctx,
-        int g, int group, int kv_heads, int block_size, int log2_bs, float scale, const int head_dim) {
-    Partial p = *part;
-    float scores[MAX_G][CHUNK], acc[MAX_G][MAX_D], mx[MAX_G], sum[MAX_G];  /* locals: no aliasing with the cache */
-    int64_t n = t1 - t0;
-    for (int j = 0; j < group; j++) mx[j] = -INFINITY, sum[j] = 0.0f;
+        const float *q, int64_t q_row_stride, Partial *parts, const void *k_cache, const void *v_cache,
+        const _Float16 *k_scales, const _Float16 *v_scales, const int dtype, const int64_t *table, int64_t t0,
+        const int64_t *lens, int rows, int g, int group, int kv_heads, int block_size, int log2_bs, float scale,
+        const int head_dim) {
+    float scores[MAX_Q][CHUNK], acc[MAX_Q][MAX_D], mx[MAX_Q], sum[MAX_Q], row_buf[MAX_D];
+    int64_t n_ctx = lens[rows - 1], t1 = t0 + CHUNK < n_ctx ? t0 + CHUNK : n_ctx, n = t1 - t0, seen[MAX_Q];
+    int nq = rows * group;
+    for (int x = 0; x < rows; x++) {
+        int64_t m = lens[x] - t0;
+        seen[x] = m < 0 ? 0 : m < n ? m : n;  /* row x's tokens in this chunk */
+    }
+    for (int j = 0; j < nq; j++) mx[j] = -INFINITY, sum[j] = 0.0f;
     for (int64_t t = 0; t < n; t++) {
         float s;
-        const void *k = token_row(k_cache, k_scales, dtype, table, t0 + t, n_ctx, block_size, log2_bs, g, kv_heads,
-                                  head_dim, &s);
-        for (int j = 0; j < group; j++) {
-            const float *qj = qg + (int64_t)j * head_dim;
-            float dot = 0.0f;
-            for (int i = 0; i < head_dim; i++) dot += qj[i] * row_elem(k, dtype, i);
-            dot *= scale * s;
-            scores[j][t] = dot;
-            if (dot > mx[j]) mx[j] = dot;
+        const float *k = widen(token_row(k_cache, k_scales, dtype, table, t0 + t, n_ctx, block_size, log2_bs, g,
+                                         kv_heads, head_dim, &s), dtype, row_buf, head_dim);
+        for (int x = 0; x < rows; x++) {
+            if (t >= seen[x]) continue;
+            const float *qx = q + x * q_row_stride;
+            for (int j = 0; j < group; j++) {
+                float d = dot(qx + (int64_t)j * head_dim, k, head_dim) * (scale * s);
+                scores[x * group + j][t] = d;
+                if (d > mx[x * group + j]) mx[x * group + j] = d;
+            }
         }
     }
-    for (int j = 0; j < group; j++) {
-        sum[j] = exp_shifted(scores[j], n, mx[j]);
-        memset(acc[j], 0, sizeof(float) * head_dim);
-    }
+    for (int x = 0; x < rows; x++)
+        for (int j = 0; j < group; j++) {
+            int qi = x * group + j;
+            sum[qi] = seen[x] ? exp_shifted(scores[qi], seen[x], mx[qi]) : 0.0f;
+            memset(acc[qi], 0, sizeof(float) * head_dim);
+        }
     for (int64_t t = 0; t < n; t++) {
         float s;
-        const void *v = token_row(v_cache, v_scales, dtype, table, t0 + t, n_ctx, block_size, log2_bs, g, kv_heads,
-                                  head_dim, &s);
-        for (int j = 0; j < group; j++) {
-            float w = scores[j][t] * s;
-            for (int i = 0; i < head_dim; i++) acc[j][i] += w * row_elem(v, dtype, i);
+        const float *v = widen(token_row(v_cache, v_scales, dtype, table, t0 + t, n_ctx, block_size, log2_bs, g,
+                                         kv_heads, head_dim, &s), dtype, row_buf, head_dim);
+        for (int x = 0; x < rows; x++) {
+            if (t >= seen[x]) continue;
+            for (int j = 0; j < group; j++) {
+                int qi = x * group + j;
+                float w = scores[qi][t] * s;
+                for (int i = 0; i < head_dim; i++) acc[qi][i] += w * v[i];
+            }
         }
     }
-    for (int j = 0; j < group; j++) {
-        p.m[j] = mx[j];
-        p.l[j] = sum[j];
-        memcpy(p.acc + (int64_t)j * head_dim, acc[j], sizeof(float) * head_dim);
+    for (int x = 0; x < rows; x++) {
+        Partial p = parts[x];
+        for (int j = 0; j < group; j++) {
+            int qi = x * group + j;
+            p.m[j] = mx[qi];
+            p.l[j] = sum[qi];
+            memcpy(p.acc + (int64_t)j * head_dim, acc[qi], sizeof(float) * head_dim);
+        }
     }
 }
 
@@ -172,9 +214,6 @@ static void merge(const float *pm, const float *pl, const float *pacc, int64_t f
     }
 }
 
-/* Tasks are (sequence b, KV head g, chunk c of CHUNK tokens): a fixed split of each context, never one that
-   depends on the batch, so that a sequence's result is the same in any batch; a single sequence still keeps
-   every thread busy. */
 /* Store each sequence's new K and V row (token b's rows `stride` floats apart) at its cache slot, in the cache's
    element type: bf16 by nearest-even, as PyTorch converts; int8 as Int8KVCache.write quantizes (per KV head:
    scale = fp16(max|x| / 127), q = round-half-even(x / max(scale, fp16 tiny)) clamped to [-127, 127]). */
@@ -208,43 +247,71 @@ static void store_rows(const float *rows, int64_t stride, const int64_t *slots, 
     }
 }
 
-/* k_new / v_new (or NULL): the step's new rows, one token per sequence, stored first (see store_rows). */
+/* k_new / v_new (or NULL): the step's new rows, one token per row, stored first (see store_rows).
+   runs (or NULL: every row its own run): num_runs + 1 row offsets; run r is rows [runs[r], runs[r + 1]), one
+   sequence's rows with the same block table and non-decreasing context lengths. */
 int paged_decode_attention(const float *q, float *out, const void *k_cache, const void *v_cache,
                            const _Float16 *k_scales, const _Float16 *v_scales, int dtype,
                            const int64_t *block_tables, const int64_t *context_lens,
                            int batch, int max_blocks, int heads, int kv_heads, int head_dim, int block_size,
                            float scale, const float *k_new, const float *v_new, int64_t k_stride, int64_t v_stride,
-                           const int64_t *slots) {
+                           const int64_t *slots, const int64_t *runs, int num_runs) {
     int group = heads / kv_heads;
     int log2_bs = __builtin_ctz((unsigned)block_size);  /* block_size is a power of two (EngineConfig checks) */
     if (head_dim > MAX_D || group > MAX_G || heads % kv_heads || block_size != 1 << log2_bs) return 1;
+    if (runs != NULL && (num_runs < 0 || runs[0] != 0 || runs[num_runs] != batch)) return 1;
     if (k_new != NULL) {
         store_rows(k_new, k_stride, slots, (void *)k_cache, (_Float16 *)k_scales, dtype, batch, kv_heads, head_dim);
         store_rows(v_new, v_stride, slots, (void *)v_cache, (_Float16 *)v_scales, dtype, batch, kv_heads, head_dim);
     }
-    int64_t *first_chunk = malloc(sizeof(int64_t) * ((size_t)batch + 1));  /* chunks of sequences before b */
-    if (first_chunk == NULL) return 2;
-    first_chunk[0] = 0;
-    for (int b = 0; b < batch; b++)
-        first_chunk[b + 1] = first_chunk[b] + (context_lens[b] > 0 ? (context_lens[b] + CHUNK - 1) / CHUNK : 1);
-    int64_t chunks = first_chunk[batch], tasks = chunks * kv_heads;
-    float *pm = malloc(sizeof(float) * (size_t)(tasks * group)), *pl = malloc(sizeof(float) * (size_t)(tasks * group));
-    float *pacc = malloc(sizeof(float) * (size_t)(tasks * group * head_dim));
+    /* pieces: runs cut into at most MAX_Q / group rows; piece i is rows [first[i], first[i + 1]), its chunks are
+       task_base[i] .. task_base[i + 1] - 1 (times kv_heads); row x's partials start at row_base[x] (times kv_heads) */
+    int max_rows = MAX_Q / group;
+    int64_t *first = malloc(sizeof(int64_t) * ((size_t)batch + 1)), *task_base = malloc(sizeof(int64_t) * ((size_t)batch + 1));
+    int64_t *row_base = malloc(sizeof(int64_t) * ((size_t)batch + 1));
+    int64_t pieces = 0, run = 0;
+    if (first == NULL || task_base == NULL || row_base == NULL) {
+        free(first), free(task_base), free(row_base);
+        return 2;
+    }
+    task_base[0] = row_base[0] = 0;
+    for (int64_t x = 0; x < batch;) {
+        int64_t run_end = runs == NULL ? x + 1 : runs[run + 1];
+        if (run_end <= x || run_end > batch) {
+            free(first), free(task_base), free(row_base);
+            return 1;
+        }
+        int64_t end = run_end - x > max_rows ? x + max_rows : run_end;
+        int64_t n = context_lens[end - 1], chunks = n > 0 ? (n + CHUNK - 1) / CHUNK : 1;
+        first[pieces] = x;
+        task_base[pieces + 1] = task_base[pieces] + chunks;
+        for (int64_t y = x; y < end; y++) row_base[y + 1] = row_base[y] + chunks;
+        pieces++;
+        x = end;
+        if (x == run_end) run++;
+    }
+    first[pieces] = batch;
+    int64_t tasks = task_base[pieces] * kv_heads, entries = row_base[batch] * kv_heads;
+    float *pm = malloc(sizeof(float) * (size_t)(entries * group)), *pl = malloc(sizeof(float) * (size_t)(entries * group));
+    float *pacc = malloc(sizeof(float) * (size_t)(entries * group * head_dim));
     int status = pm && pl && pacc ? 0 : 2;
     if (status == 0) {
         #pragma omp parallel for schedule(dynamic)
-        for (int64_t task = 0; task < tasks; task++) {  /* task = chunk * kv_heads + g */
-            int64_t chunk = task / kv_heads;
-            int g = (int)(task % kv_heads), b = 0;
-            while (first_chunk[b + 1] <= chunk) b++;
-            int64_t t0 = (chunk - first_chunk[b]) * CHUNK, n = context_lens[b];
-            int64_t t1 = t0 + CHUNK < n ? t0 + CHUNK : n;
-            const float *qg = q + ((int64_t)b * heads + (int64_t)g * group) * head_dim;
-            const int64_t *table = block_tables + (int64_t)b * max_blocks;
-            Partial part = partial_at(pm, pl, pacc, task, group, head_dim);
+        for (int64_t task = 0; task < tasks; task++) {  /* task = (task_base[piece] + chunk) * kv_heads + g */
+            int64_t index = task / kv_heads, piece = 0;
+            int g = (int)(task % kv_heads);
+            while (task_base[piece + 1] <= index) piece++;
+            int64_t chunk = index - task_base[piece], x0 = first[piece];
+            int rows = (int)(first[piece + 1] - x0);
+            Partial parts[MAX_Q];
+            for (int x = 0; x < rows; x++)
+                parts[x] = partial_at(pm, pl, pacc, (row_base[x0 + x] + chunk) * kv_heads + g, group, head_dim);
+            const float *qg = q + (x0 * heads + (int64_t)g * group) * head_dim;
+            const int64_t *table = block_tables + (first[piece + 1] - 1) * max_blocks;
+            int64_t t0 = chunk * CHUNK;
             /* constant element types and common head sizes: each loop nest compiles for its case */
-#define ATTEND(DT, HD) attend(qg, &part, k_cache, v_cache, k_scales, v_scales, DT, table, t0, t1, n, g, group, \
-                              kv_heads, block_size, log2_bs, scale, HD)
+#define ATTEND(DT, HD) attend(qg, (int64_t)heads * head_dim, parts, k_cache, v_cache, k_scales, v_scales, DT, table, \
+                              t0, context_lens + x0, rows, g, group, kv_heads, block_size, log2_bs, scale, HD)
 #define ATTEND_DT(DT) do { if (head_dim == 64) ATTEND(DT, 64); else if (head_dim == 128) ATTEND(DT, 128); \
                            else ATTEND(DT, head_dim); } while (0)
             if (dtype == 0) ATTEND_DT(0);
@@ -256,12 +323,14 @@ int paged_decode_attention(const float *q, float *out, const void *k_cache, cons
         #pragma omp parallel for collapse(2) schedule(static)
         for (int b = 0; b < batch; b++)
             for (int g = 0; g < kv_heads; g++)
-                merge(pm, pl, pacc, first_chunk[b] * kv_heads + g, first_chunk[b + 1] - first_chunk[b], kv_heads,
+                merge(pm, pl, pacc, row_base[b] * kv_heads + g, row_base[b + 1] - row_base[b], kv_heads,
                       group, head_dim, out + ((int64_t)b * heads + (int64_t)g * group) * head_dim);
     }
     free(pm);
     free(pl);
     free(pacc);
-    free(first_chunk);
+    free(first);
+    free(task_base);
+    free(row_base);
     return status;
 }

@@ -19,8 +19,10 @@
    fp32 x; d q is exact in fp32, so every product is exact and the sums are fp32.
    Both table kernels exist only in AVX512F builds (tables_supported); int4 needs AVX512-VNNI and VBMI.
 
-   No output element's arithmetic depends on M or on the other rows of x: a sequence gets the same logits alone
-   or in any batch. Threads (OpenMP, the libgomp torch uses) split the output rows. */
+   No output element's result depends on M or on the other rows of x: a sequence gets the same logits alone or in
+   any batch. int4 passes take the rows of x in pairs (int4_pair), sharing the unpacking of the weights; each row's
+   result is bit for bit the one it gets alone (int4_block). Threads (OpenMP, the libgomp torch uses)
+   split the output rows (int4: 64-row blocks, times the pairs of rows). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -29,6 +31,7 @@
 #define ROWS 64   /* output rows per int4 block */
 #define GROUP 32  /* k per (s, z) pair */
 #define PREFETCH 8192  /* bytes of software prefetch distance in an int4 block */
+#define PAIR 2         /* activation rows per int4_pair pass */
 #define MT 4      /* activation rows per bf16 pass */
 #define NT 4      /* bf16 table rows per pass */
 #define AHEAD_ROWS 16  /* table rows of software prefetch distance */
@@ -196,6 +199,78 @@ static void int4_block(const int8_t *digits, const float *e, const float *xs, co
     }
     for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + 16 * i, out[i]);
 }
+
+/* acc += q . x (vpdpbusd: u8 codes times s8 digits, 4 per lane). In asm so that GCC keeps each accumulator in its
+   register: with the intrinsic and int4_pair's 24 accumulators it copies the tied operand around and spills. */
+static inline __m512i dot_digits(__m512i acc, __m512i q, __m512i x) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(q), "v"(x));
+    return acc;
+}
+
+/* One 64-row block against two activation rows (row 1's digits, e and xs at digits + 3 K, e + G, xs + G):
+   y[0:64] and y[ldy:ldy + 64]. Each row gets int4_block's results bit for bit, so its outputs do not depend on
+   whether it shares a pass: the same integer sums, the same fp32 epilogue in the same order, except that
+   qx = sum_k q X is converted once from int32 (65536 sa + 256 sb + sc) where int4_block adds the three converted
+   sums with two fmas. Both are that integer rounded once to fp32: |sa| <= 32 * 15 * 64, |sb|, |sc| <= 32 * 15 * 128,
+   so int4_block's inner fma (256 sb + sc, below 2^24) is exact and its outer fma rounds the exact sum once, as the
+   conversion does (round to nearest even; neither gives -0); |sum q X| <= 32 * 15 * 2^22 < 2^31, so int32 holds it.
+   (A group holding an inf has unbounded digits, but its xs is inf or NaN, and so is the row's every output from that
+   group on, whatever the finite qx.)
+   What the rows share is the unpacking of the weights (loads, vpermt2b, masks), done once per 4 columns for both. */
+static void int4_pair(const int8_t *digits, const float *e, const float *xs, const uint8_t *block,
+                      const uint32_t *sz, int64_t n_total, int64_t k_total, float *y, int64_t ldy) {
+    uint8_t order[2][64];  /* as in int4_block */
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < 16; j++)
+            for (int i = 0; i < 4; i++) order[h][4 * j + i] = (uint8_t)(32 * i + 16 * h + j);
+    const __m512i rows_lo = _mm512_loadu_si512(order[0]), rows_hi = _mm512_loadu_si512(order[1]);
+    const __m512i nibble = _mm512_set1_epi8(15), high_half = _mm512_set1_epi32((int)0xFFFF0000u);
+    const int64_t groups = k_total / GROUP;
+    const int8_t *d0 = digits, *d1 = digits + 3 * k_total;
+    for (int i = 0; i < 4; i++) {  /* the outputs wait in y between groups: 24 accumulators fill the registers */
+        _mm512_storeu_ps(y + 16 * i, _mm512_setzero_ps());
+        _mm512_storeu_ps(y + ldy + 16 * i, _mm512_setzero_ps());
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i acc0[12], acc1[12];  /* row 0 and row 1: sum q a (0..3), sum q b (4..7), sum q c (8..11) */
+        for (int i = 0; i < 12; i++) acc0[i] = acc1[i] = _mm512_setzero_si512();
+        for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += 4) {
+            _mm_prefetch((const char *)(block + k * 32 + PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(block + k * 32 + PREFETCH + 64), _MM_HINT_T0);
+            __m512i c01 = _mm512_loadu_si512((const void *)(block + k * 32));
+            __m512i c23 = _mm512_loadu_si512((const void *)(block + k * 32 + 64));
+            __m512i r0 = _mm512_permutex2var_epi8(c01, rows_lo, c23);
+            __m512i r1 = _mm512_permutex2var_epi8(c01, rows_hi, c23);
+            __m512i q[4] = {_mm512_and_si512(r0, nibble), _mm512_and_si512(r1, nibble),
+                            _mm512_and_si512(_mm512_srli_epi16(r0, 4), nibble),
+                            _mm512_and_si512(_mm512_srli_epi16(r1, 4), nibble)};
+            for (int d = 0; d < 3; d++) {
+                int32_t x0, x1;
+                memcpy(&x0, d0 + d * k_total + k, 4);
+                memcpy(&x1, d1 + d * k_total + k, 4);
+                __m512i b0 = _mm512_set1_epi32(x0), b1 = _mm512_set1_epi32(x1);
+                for (int i = 0; i < 4; i++) {
+                    acc0[4 * d + i] = dot_digits(acc0[4 * d + i], q[i], b0);
+                    acc1[4 * d + i] = dot_digits(acc1[4 * d + i], q[i], b1);
+                }
+            }
+        }
+        for (int i = 0; i < 4; i++) {
+            __m512i pair = _mm512_loadu_si512((const void *)(sz + g * n_total + 16 * i));  /* s low, z high */
+            __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+            __m512 z8 = _mm512_fmadd_ps(s, _mm512_set1_ps(-8.0f), _mm512_castsi512_ps(_mm512_and_si512(pair, high_half)));
+            for (int m = 0; m < PAIR; m++) {
+                const __m512i *acc = m ? acc1 : acc0;
+                __m512 eg = _mm512_set1_ps(e[m * groups + g]), xsg = _mm512_set1_ps(xs[m * groups + g]);
+                float *row = y + m * ldy + 16 * i;
+                __m512 qx = _mm512_cvtepi32_ps(_mm512_add_epi32(  /* = int4_block's qx (see above) */
+                    _mm512_slli_epi32(_mm512_add_epi32(_mm512_slli_epi32(acc[i], 8), acc[4 + i]), 8), acc[8 + i]));
+                _mm512_storeu_ps(row, _mm512_fmadd_ps(s, _mm512_mul_ps(qx, eg),
+                                                      _mm512_fmadd_ps(z8, xsg, _mm512_loadu_ps(row))));
+            }
+        }
+    }
+}
 #endif
 
 /* 1 when this build has the int4 kernel (AVX512-VNNI and VBMI); elsewhere callers keep PyTorch's kernel. */
@@ -223,11 +298,19 @@ int int4_matmul(const float *x, float *y, const uint8_t *packed, const uint32_t 
     int status = fp.digits && fp.e && fp.xs ? 0 : 2;
     if (status == 0) {
         to_fixed_point(x, fp, m_total, k_total);
+        int64_t pairs = (m_total + PAIR - 1) / PAIR;  /* of rows of x: the last one may hold one row */
         #pragma omp parallel for schedule(static)
-        for (int64_t b = 0; b < blocks; b++)
-            for (int64_t m = 0; m < m_total; m++)  /* the block stays in cache for the next row */
-                int4_block(fp.digits + m * 3 * k_total, fp.e + m * groups, fp.xs + m * groups,
-                           packed + b * k_total * 32, sz + b * ROWS, n_total, k_total, y + m * n_total + b * ROWS);
+        for (int64_t item = 0; item < blocks * pairs; item++) {  /* the block stays in cache for the next pair */
+            int64_t b = item / pairs, m = item % pairs * PAIR;
+            const int8_t *digits = fp.digits + m * 3 * k_total;
+            const uint8_t *block = packed + b * k_total * 32;
+            float *yb = y + m * n_total + b * ROWS;
+            if (m + 1 < m_total)
+                int4_pair(digits, fp.e + m * groups, fp.xs + m * groups, block, sz + b * ROWS, n_total, k_total, yb,
+                          n_total);
+            else
+                int4_block(digits, fp.e + m * groups, fp.xs + m * groups, block, sz + b * ROWS, n_total, k_total, yb);
+        }
     }
     free(fp.digits);
     free(fp.e);

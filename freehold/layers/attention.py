@@ -12,6 +12,7 @@ softmax(q k^T / sqrt(D)) v with GQA: query head h reads KV head h // (H / KVH).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,9 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64 (padded with block 0)
     decode_context_lens: torch.Tensor | None  # [B] int64
     prefills: tuple[PrefillChunk, ...]
+    # [R + 1] int64 row offsets: run r is decode rows [runs[r], runs[r + 1]), one sequence's consecutive positions
+    # (the same block table); the native kernel reads such a run's context once for all its rows. None: one row each
+    decode_runs: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,16 @@ class KVCache:
         if self.k.dtype == k.dtype:
             return k, v
         return k.to(self.k.dtype).to(k.dtype), v.to(self.v.dtype).to(v.dtype)
+
+    def transform_keys(self, blocks: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> None:
+        """Transform the keys of `blocks` [n] int64, every layer: one layer at a time, fn gets an fp32 copy
+        [n, block_size, KVH, D] and changes it in place; it is stored back in the cache's element type
+        (freehold.kv.sink re-rotates a sliding window with it). Per layer with index_select / index_copy_: about
+        10x faster than advanced indexing over all layers at once (docs/architecture.md), and the same bits."""
+        for layer in range(self.k.shape[0]):
+            k = self.k[layer].index_select(0, blocks).float()  # a copy even for fp32 (index_select)
+            fn(k)
+            self.k[layer].index_copy_(0, blocks, k.to(self.k.dtype))
 
     def gather(self, layer: int, block_tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """block_tables: [..., nb] -> K, V: [..., length, KVH, D] (the first `length` tokens of those blocks).
@@ -142,7 +156,7 @@ def _decode_attention(layer: int, q: torch.Tensor, cache: KVCache, meta: Attenti
             new_kv = None
         if cache._checked is not meta:  # every layer of a step has the same shapes and indices: checked once
             checks.paged_decode_step(view, q.contiguous(), new_kv, meta.decode_block_tables, meta.decode_context_lens,
-                                     meta.slot_mapping)
+                                     meta.slot_mapping, meta.decode_runs)
             cache._checked = meta
         return _native_decode(kernel, view, q.contiguous(), meta, new_kv)
     if new_kv is not None:
@@ -166,9 +180,11 @@ def _native_decode(kernel, kv: NativeKV, q: torch.Tensor, meta: AttentionMetadat
     if new_kv is not None:
         (k, v), slots = new_kv, meta.slot_mapping.contiguous()  # held: the kernel reads these pointers
         store = (k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), slots.data_ptr())
+    runs = meta.decode_runs.contiguous() if meta.decode_runs is not None else None
     status = kernel(q.data_ptr(), out.data_ptr(), kv.k.data_ptr(), kv.v.data_ptr(), *scales, kv.code,
                     tables.data_ptr(), lens.data_ptr(), batch, tables.shape[1], heads, kv_heads, head_dim,
-                    block_size, head_dim ** -0.5, *store)
+                    block_size, head_dim ** -0.5, *store, runs.data_ptr() if runs is not None else None,
+                    runs.shape[0] - 1 if runs is not None else 0)
     if status:
         raise RuntimeError(f"native paged attention failed (status {status}: shape or memory)")
     return out

@@ -11,6 +11,8 @@ fresh prefill the same quantized K/V that later decode steps will read, so prefi
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from freehold.config import KV_INT8_SCALE_BYTES
@@ -64,6 +66,16 @@ class Int8KVCache(KVCache):
         for i, (data, scales) in enumerate(((self.k, self.k_scale), (self.v, self.v_scale))):
             data[layer].view(-1, *q.shape[2:]).index_copy_(0, slots, q[i])
             scales[layer].view(-1, scale.shape[2]).index_copy_(0, slots, scale[i])
+
+    def transform_keys(self, blocks: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> None:
+        """The keys dequantized to fp32, transformed in place, requantized (fresh scales); one layer at a time."""
+        for layer in range(self.k.shape[0]):
+            k = dequantize_heads(self.k[layer].index_select(0, blocks), self.k_scale[layer].index_select(0, blocks),
+                                 torch.float32)
+            fn(k)
+            q, scale = quantize_heads(k)
+            self.k[layer].index_copy_(0, blocks, q)
+            self.k_scale[layer].index_copy_(0, blocks, scale)
 
     def _native_view(self, layer: int) -> NativeKV | None:
         if self.k.device.type != "cpu":

@@ -12,7 +12,8 @@ Order of operations (vLLM's):
     8. top-k   9. top-p   10. min-p  (see transforms.py)
     11. draw                         inverse CDF with one uniform per row from the row's generator (draw.py)
 
-Logprobs are log_softmax of the RAW model logits (before any of the above), as OpenAI and vLLM report them.
+Logprobs are log_softmax of the RAW model logits (before any of the above), as OpenAI and vLLM report them; a row
+with `processed_logprobs` also gets them from the distribution of 7-10 over the logits of 1-5 (logprobs.py).
 
 A row whose scores after stages 1-5 leave nothing to draw (every token at -inf) or are not numbers (NaN, +inf)
 fails alone: `SamplerOutput.failed` names it with the reason, its drawn token is meaningless, and the other rows
@@ -30,7 +31,7 @@ batch; unseeded rows share the sampler's generator.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -38,7 +39,7 @@ import torch
 from freehold.constrain.matcher import apply_token_bitmask
 from freehold.errors import InvalidRequestError
 from freehold.sampling.chunked import argmax_rows
-from freehold.sampling.logprobs import token_logprobs
+from freehold.sampling.logprobs import processed_logprobs, token_logprobs
 from freehold.sampling.seeding import SeededStream
 from freehold.sampling.draw import draw_inverse_cdf, draw_inverse_cdf_chunked
 from freehold.sampling.penalties import (Penalized, apply_allowed_mask, apply_logit_bias, apply_penalties,
@@ -114,9 +115,10 @@ class Sampler:
         if failed:  # rare: give failed rows harmless scores so the batched draw stays defined
             processed = processed.clone()
             processed[list(failed)] = 0.0
+        kept = {i: processed[i].clone() for i, r in enumerate(rows) if r.params.processed_logprobs}  # before draws
         tokens = self._draw(processed, rows)
         token_ids = tokens.tolist()
-        return SamplerOutput(token_ids, self._logprobs(raw, tokens, rows), failed)
+        return SamplerOutput(token_ids, self._logprobs(raw, tokens, rows, kept), failed)
 
     def process_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
                        in_place: bool = False) -> torch.Tensor:
@@ -290,9 +292,10 @@ class Sampler:
             u[self._long(seeded)] = own
         return u
 
-    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor,
-                  rows: Sequence[SamplingRow]) -> list[TokenLogprob | None]:
-        """log_softmax of the raw logits: the chosen token's value and the top-k, most likely first."""
+    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRow],
+                  processed: dict[int, torch.Tensor]) -> list[TokenLogprob | None]:
+        """log_softmax of the raw logits: the chosen token's value and the top-k, most likely first; rows in
+        `processed` (their logits after stages 1-5) also get the processed ones."""
         wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         result: list[TokenLogprob | None] = [None] * len(rows)
         if not wanted:
@@ -300,6 +303,9 @@ class Sampler:
         index = self._long(wanted)
         values = token_logprobs(raw[index], tokens[index], [rows[i].params.logprobs for i in wanted])
         for i, value in zip(wanted, values):
+            if i in processed:
+                k = rows[i].params.logprobs or 0
+                value = replace(value, processed=processed_logprobs(processed[i], value.token_id, rows[i].params, k))
             result[i] = value
         return result
 

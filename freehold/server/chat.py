@@ -11,11 +11,13 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from freehold.config import KVPolicy
 from freehold.engine.async_engine import EngineDeadError
 from freehold.errors import FreeholdError
 from freehold.server.errors import error_body, freehold_error_body
 from freehold.server.logprobs import chat_logprobs, vllm_prompt_logprobs
-from freehold.server.params import chat_messages, check_supported, log_metadata, sampling_params, template_options
+from freehold.server.params import (chat_messages, check_supported, log_metadata, request_kv_policy, sampling_params,
+                                     template_options)
 from freehold.server.protocol import (ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                                       ChatCompletionRequest, ChatDelta, ErrorResponse, PromptLogprobs, Usage)
 from freehold.server.serving import Choice, ChoiceDelta, Serving, UsageTally
@@ -54,9 +56,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     tools = requested_tools(body)
     messages = prompt_messages(chat_messages(body), tools, serving.tokenizer)
     constraint = await serving.compile_constraint(request_constraint(tools, requested_constraint(body)))
+    sink = request_kv_policy(body, serving.kv_policy) is KVPolicy.SINK  # a chat of any length streams
     prompt_ids = await serving.encode_chat(messages, template_tools(tools, serving.tokenizer),
-                                           options=template_options(body))
-    params = sampling_params(body, len(prompt_ids), serving.max_model_len, constraint)
+                                           options=template_options(body), sink=sink)
+    params = sampling_params(body, len(prompt_ids), serving.max_model_len, constraint, serving.kv_policy)
     serving.check_request(prompt_ids, params)
     serving.admit(1)
     head = _Head(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model, serving.fingerprint, body.service_tier,

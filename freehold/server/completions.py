@@ -15,13 +15,14 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from freehold.config import KVPolicy
 from freehold.engine.async_engine import EngineDeadError
 from freehold.errors import FreeholdError
 from freehold.server.errors import error_body, freehold_error_body
 from freehold.server.echo import PromptEcho, check_echo_size, prompt_echo
 from freehold.server.logprobs import completion_logprobs, joined
 from freehold.server.params import (check_num_choices, check_supported, completion_prompts, log_metadata,
-                                    sampling_params)
+                                    request_kv_policy, sampling_params)
 from freehold.server.protocol import (Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
                                       ErrorResponse, Usage)
 from freehold.server.serving import Choice, ChoiceDelta, Serving, UsageTally
@@ -57,11 +58,12 @@ async def create_completion(body: CompletionRequest, request: Request, response:
     prompts = completion_prompts(body)
     check_num_choices(len(prompts), body.best_of or body.n)
     constraint = await serving.compile_constraint(requested_constraint(body))
-    prompt_ids = await serving.encode_prompts(prompts, generated=0 if body.max_tokens == 0 else 1)
+    prompt_ids = await serving.encode_prompts(prompts, generated=0 if body.max_tokens == 0 else 1,
+                                              sink=request_kv_policy(body, serving.kv_policy) is KVPolicy.SINK)
     check_echo_size(body, prompt_ids)
     params: list[SamplingParams] = []
     for ids in prompt_ids:
-        params.append(sampling_params(body, len(ids), serving.max_model_len, constraint))
+        params.append(sampling_params(body, len(ids), serving.max_model_len, constraint, serving.kv_policy))
         serving.check_request(ids, params[-1])
     serving.admit(len(prompt_ids))
     n = params[0].n  # samples per prompt: best_of when given

@@ -18,8 +18,11 @@ def chat_logprobs(logprobs: Sequence[TokenLogprob], token_text: TokenText) -> Ch
     for lp in logprobs:
         top = [_top_logprob(t, value, token_text) for t, value in lp.top]
         chosen = _top_logprob(lp.token_id, lp.logprob, token_text)
-        content.append(ChatTokenLogprob(token=chosen.token, logprob=chosen.logprob, bytes=chosen.bytes,
-                                        top_logprobs=top))
+        entry = ChatTokenLogprob(token=chosen.token, logprob=chosen.logprob, bytes=chosen.bytes, top_logprobs=top)
+        if lp.processed is not None:  # Freehold's processed_logprobs
+            entry.processed_logprob = _finite(lp.processed.logprob)
+            entry.processed_top_logprobs = [_top_logprob(t, value, token_text) for t, value in lp.processed.top]
+        content.append(entry)
     return ChatLogprobs(content=content)
 
 

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Callable
@@ -16,14 +17,17 @@ from typing import Callable
 import torch
 import uvicorn
 
-from freehold.config import MAX_SPECULATIVE_TOKENS, KVDtype, SpeculativeMode
+from freehold.config import MAX_SPECULATIVE_TOKENS, KVDtype, KVPolicy, SpeculativeMode
 from freehold.quant.modes import WeightMode
 from freehold.engine.async_engine import AsyncEngine
 from freehold.errors import FreeholdError
+from freehold.memory.store import FILENAME as STORE_FILENAME
+from freehold.memory.store import ConversationStore
 from freehold.models.locate import DEFAULT_MODEL_NAME
 from freehold.server.app import create_app
 from freehold.server.connections import (connections_that_fit, install_log_rate_limit, protocol_class,
                                          raise_open_file_limit)
+from freehold.server.conversations import Conversations
 from freehold.server.cors import (DEFAULT_HEADERS, DEFAULT_METHODS, CorsPolicy, check_header, check_method,
                                   check_origin, split_list)
 from freehold.server.embedding_worker import EmbeddingWorker
@@ -88,6 +92,21 @@ def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
                              "fewer when acceptance or the batch size makes them cost more than they save)")
 
 
+def add_kv_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--kv-policy`, `--sink-tokens` and `--window` (serve, generate, chat): freehold.kv.sink."""
+    parser.add_argument("--kv-policy", choices=[p.value for p in KVPolicy], default="full",
+                        help="what a sequence keeps in the KV cache: full = every token up to the context length; "
+                             "sink = the first --sink-tokens and the last --window tokens (StreamingLLM), so "
+                             "generation runs past the context in constant memory, and tokens that leave the "
+                             "window are gone (this is not memory). Requests may ask for sink with "
+                             "\"kv_policy\": \"sink\" when the window fits. Default: full")
+    parser.add_argument("--sink-tokens", type=int, default=4,
+                        help="kv-policy sink: first tokens kept, rounded up to whole KV blocks (default 4)")
+    parser.add_argument("--window", type=_positive_int, default=2048,
+                        help="kv-policy sink: most recent tokens kept, rounded up to whole KV blocks "
+                             "(default 2048)")
+
+
 def _speculative_tokens(text: str) -> int:
     value = _positive_int(text)
     if value > MAX_SPECULATIVE_TOKENS:
@@ -108,9 +127,10 @@ def _positive_int(text: str) -> int:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help=f"GGUF file or Hugging Face model directory (default: {DEFAULT_MODEL_NAME})")
-    parser.add_argument("--data-dir", default=default_data_dir(), metavar="DIR",
-                        help="where uploaded files and vector stores are kept, durable across restarts "
-                             "(default: %(default)s)")
+    parser.add_argument("--data-dir", default=default_data_dir(), metavar="DIR|none",
+                        help="where uploaded files, vector stores, stored responses and conversations are kept, "
+                             "durable across restarts; none: keep nothing (no vector stores, and responses are not "
+                             "stored) (default: %(default)s)")
     parser.add_argument("--embedding-model", default=None, metavar="PATH|none",
                         help="sentence-transformers (BERT) folder served at /v1/embeddings; none: no embeddings "
                              "route (default: the bundled all-MiniLM-L6-v2)")
@@ -145,7 +165,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests allowed to wait for their first token; more get 503 + Retry-After "
                              "(default: 256)")
     parser.add_argument("--no-prefix-cache", action="store_true", help="disable prefix caching")
+    parser.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (the API is unchanged)")
     add_speculative_arguments(parser)
+    add_kv_policy_arguments(parser)
     _add_limit_arguments(parser.add_argument_group("limits (what one client may cost the server)"))
     _add_cors_arguments(parser.add_argument_group(
         "browser access (CORS)", "Off by default: pages on other origins cannot read responses. A local server "
@@ -263,15 +285,18 @@ def serve(args: argparse.Namespace) -> int:
     serving.embeddings = EmbeddingWorker(embedder) if embedder is not None else None
     try:
         serving.retrieval = _open_retrieval(args.data_dir, embedder)
-    except (OSError, FreeholdError) as exc:
+        serving.conversations = _open_conversations(args.data_dir)
+    except (OSError, FreeholdError, sqlite3.Error) as exc:
         sock.close()
         print(f"error: cannot open the data directory {args.data_dir}: {exc}", file=sys.stderr)
         return 2
-    app = create_app(serving, api_key, cors)
+    app = create_app(serving, api_key, cors, ui=not args.no_ui)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(llm.describe())
     print(f"serving {name!r} at http://{host}:{sock.getsockname()[1]}/v1"
           f"{' (API key required)' if api_key else ''}", flush=True)
+    if not args.no_ui:
+        print(f"chat page at http://{host}:{sock.getsockname()[1]}/", flush=True)
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host} without an API key", file=sys.stderr)
     _report_cors(cors, api_key)
@@ -283,6 +308,8 @@ def serve(args: argparse.Namespace) -> int:
         engine.shutdown()
         if serving.retrieval is not None:
             serving.retrieval.close()  # a file still ingesting stays uncommitted: the store discards it on open
+        if serving.conversations is not None:
+            serving.conversations.store.close()  # a turn still running was never committed: nothing of it is kept
     return 0
 
 
@@ -314,7 +341,8 @@ def _load(args: argparse.Namespace):
     options = {"kv_cache_memory": args.kv_cache_memory, "max_num_seqs": args.max_num_seqs,
                "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len,
                "kv_dtype": KVDtype(args.kv_dtype), "speculative": SpeculativeMode(args.speculative),
-               "num_speculative_tokens": args.num_speculative_tokens}
+               "num_speculative_tokens": args.num_speculative_tokens, "kv_policy": KVPolicy(args.kv_policy),
+               "sink_tokens": args.sink_tokens, "window": args.window}
     options = {k: v for k, v in options.items() if v is not None}
     if args.no_prefix_cache:
         options["enable_prefix_caching"] = False
@@ -325,7 +353,7 @@ def _load(args: argparse.Namespace):
 
 def _open_retrieval(data_dir: str, embedder):
     """Files and vector stores under `data_dir`: None (with a note) without an embedder or the retrieval extra."""
-    if embedder is None:
+    if embedder is None or _no_data_dir(data_dir):
         return None
     try:
         from freehold.server.ingest import Retrieval
@@ -333,6 +361,17 @@ def _open_retrieval(data_dir: str, embedder):
         print(f"note: vector stores are off: {exc}", file=sys.stderr)
         return None
     return Retrieval(data_dir, embedder)
+
+
+def _open_conversations(data_dir: str) -> Conversations | None:
+    """Stored responses and conversations in `data_dir`/conversations.sqlite; None with --data-dir none."""
+    if _no_data_dir(data_dir):
+        return None
+    return Conversations(ConversationStore(Path(data_dir) / STORE_FILENAME))
+
+
+def _no_data_dir(data_dir: str) -> bool:
+    return data_dir.strip().lower() == "none"
 
 
 def default_data_dir() -> str:

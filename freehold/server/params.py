@@ -10,6 +10,7 @@ import logging
 import re
 from typing import Any
 
+from freehold.config import KVPolicy
 from freehold.constrain.spec import Constraint
 from freehold.errors import InvalidRequestError
 from freehold.server.errors import APIError
@@ -106,15 +107,26 @@ def check_num_choices(num_prompts: int, n: int | None) -> None:
                                   param="prompt")
 
 
+def request_kv_policy(request: ChatCompletionRequest | CompletionRequest, default: KVPolicy) -> KVPolicy:
+    """The request's KV policy: its own `kv_policy` field, else `default` (the server's --kv-policy)."""
+    return KVPolicy(request.kv_policy) if request.kv_policy else default
+
+
 def sampling_params(request: ChatCompletionRequest | CompletionRequest, num_prompt_tokens: int,
-                    max_model_len: int, constraint: Constraint | None = None) -> SamplingParams:
-    """SamplingParams for one prompt; max_tokens defaults to the rest of the context. `constraint` is the
-    compiled structured-output constraint the request asked for (`freehold.server.structured`)."""
+                    max_model_len: int, constraint: Constraint | None = None,
+                    default_kv_policy: KVPolicy = KVPolicy.FULL) -> SamplingParams:
+    """SamplingParams for one prompt; max_tokens defaults to the rest of the context. Under the KV policy "sink"
+    (`request_kv_policy`) the prompt and max_tokens may each exceed the context, and max_tokens defaults to the
+    whole context length (`max_model_len`), whatever the prompt's length: a chat longer than the context keeps
+    going. `constraint` is the compiled structured-output constraint the request asked for
+    (`freehold.server.structured`)."""
     max_tokens, max_tokens_param = _max_tokens(request)
     room = max_model_len - num_prompt_tokens
+    sink = request_kv_policy(request, default_kv_policy) is KVPolicy.SINK
     if max_tokens is None:
-        max_tokens = max(room, 1)  # a prompt that fills the context is rejected by the engine's check
-    elif max_tokens > room > 0:
+        # a full-policy prompt that fills the context is rejected by the engine's check
+        max_tokens = max_model_len if sink else max(room, 1)
+    elif max_tokens > room > 0 and not sink:
         raise APIError(
             400, f"this model's context is {max_model_len} tokens, but {num_prompt_tokens + max_tokens} were "
             f"requested ({num_prompt_tokens} in the prompt, {max_tokens} in {max_tokens_param}); lower "
@@ -147,7 +159,10 @@ def _make_params(r: ChatCompletionRequest | CompletionRequest, max_tokens: int,
         seed=_seed(r.seed),
         stop=_stop(r.stop),
         ignore_eos=bool(r.ignore_eos),
+        num_speculative_tokens=r.num_speculative_tokens,
+        kv_policy=KVPolicy(r.kv_policy) if r.kv_policy else None,
         logprobs=_logprobs(r),
+        processed_logprobs=_processed_logprobs(r),
         n=_num_samples(r),
         prompt_logprobs=_prompt_logprobs(r),
         constraint=constraint,
@@ -277,6 +292,15 @@ def _prompt_logprobs(request: ChatCompletionRequest | CompletionRequest) -> int 
         wanted.append(request.logprobs if request.logprobs is not None or request.max_tokens != 0 else 0)
     ks = [k for k in wanted if k is not None]
     return max(ks) if ks else None
+
+
+def _processed_logprobs(request: ChatCompletionRequest | CompletionRequest) -> bool:
+    """Freehold's chat extension: the sampled distribution's logprobs too (freehold.sampling.logprobs)."""
+    if not isinstance(request, ChatCompletionRequest) or not request.processed_logprobs:
+        return False
+    if not request.logprobs:
+        raise InvalidRequestError("processed_logprobs requires logprobs to be true", param="processed_logprobs")
+    return True
 
 
 def _logprobs(request: ChatCompletionRequest | CompletionRequest) -> int | None:

@@ -134,6 +134,14 @@ class SamplingFields(_Strict):
     user: str | None = Field(None, description="accepted for compatibility; recorded nowhere")
     ignore_eos: bool | None = None
     min_tokens: int | None = None
+    num_speculative_tokens: int | None = Field(
+        None, description="Freehold: this request's speculative decoding: 0 = off, k = at most k draft tokens per "
+                          "step (up to the server's --num-speculative-tokens; only on a server started with "
+                          "--speculative); absent: the server's setting")
+    kv_policy: Literal["full", "sink"] | None = Field(
+        None, description="Freehold: what this request keeps in the KV cache: sink = attention sinks + a sliding "
+                          "window (--sink-tokens, --window): max_tokens may exceed the context, tokens that leave "
+                          "the window are gone; absent: the server's --kv-policy")
     prompt_logprobs: int | None = Field(None, description="vLLM: each prompt token's logprob and the top-k "
                                                           "alternatives, 0-20 (`prompt_logprobs` in the response)")
     # structured outputs: at most one of these (see freehold.server.structured)
@@ -155,6 +163,10 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, description="takes precedence over max_tokens")
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    processed_logprobs: bool | None = Field(
+        None, description="Freehold: with logprobs, also each token's logprob and top_logprobs alternatives in the "
+                          "distribution it was sampled from (after penalties, grammar, temperature, top-k, top-p, "
+                          "min-p), as processed_logprob and processed_top_logprobs")
     tools: list[Tool] | None = Field(None, description="functions the model may call (freehold.tools)")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="default: auto with tools, none without")
@@ -210,8 +222,15 @@ class TopLogprob(BaseModel):
     bytes: list[int]
 
 
+def _absent(value: Any) -> bool:
+    return value is None
+
+
 class ChatTokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob]
+    # Freehold, only when the request sets processed_logprobs (left out of the JSON otherwise)
+    processed_logprob: float | None = Field(None, exclude_if=_absent)
+    processed_top_logprobs: list[TopLogprob] | None = Field(None, exclude_if=_absent)
 
 
 class ChatLogprobs(BaseModel):

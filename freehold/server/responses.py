@@ -2,21 +2,17 @@
 (`EngineModel`). The request becomes chat messages and tools; the loop's events become the response's output items
 (`freehold.server.responses_output`), returned whole or streamed as typed server-sent events.
 
-    instructions                                   -> a system message first
-    input "text"                                   -> a user message
-    {"role", "content": str | text parts}          -> that message ("developer" is "system"); "type": "message" or none
-    {"type": "function_call", call_id, name, ...}  -> an assistant message with tool_calls (consecutive ones merged)
-    {"type": "function_call_output", call_id, ...} -> a tool message (its call_id must match an earlier call)
-    {"type": "file_search_call", ...}              -> dropped (an earlier server-side search; its answer follows)
+    instructions, input items                      -> chat messages (freehold.server.responses_input)
     tools: {"type": "function", ...}               -> client tools: their calls end the response as function_call items
     tools: {"type": "file_search", ...}            -> run by the server, as many rounds as the run's limits allow
 
 A response runs within the loop's limits (`_limits`): at most MAX_STEPS model turns (each server-side tool round is
 one), `max_tool_calls` server-side calls (default 16), 300 s of wall clock, 30 s per tool call; the same call asked
 a third time stops it (loop_detected). `max_output_tokens` bounds the output tokens over all turns (each turn gets
-what is left); without it a turn may use the rest of the context, as on chat completions. `store` is accepted and
-nothing is stored, so `previous_response_id` is refused (400). A string bound for the model that is not valid
-Unicode (a lone surrogate from a \\uD800 escape) is a 400 naming it, as on chat completions.
+what is left); without it a turn may use the rest of the context, as on chat completions. `store` (default true),
+`previous_response_id` and `conversation` keep and continue responses (freehold.server.response_store). A string
+bound for the model that is not valid Unicode (a lone surrogate from a \\uD800 escape) is a 400 naming it, as on
+chat completions.
 """
 from __future__ import annotations
 
@@ -25,28 +21,33 @@ import logging
 import time
 import uuid
 from contextlib import aclosing
-from typing import Any, AsyncIterator
+from functools import partial
+from typing import Any, AsyncIterator, Awaitable, Callable
 
-import pydantic
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from freehold.agent import Agent, FunctionTool, Limits, client_tool
 from freehold.agent.builtin.file_search import file_search_tool
-from freehold.agent.events import Event
+from freehold.agent.events import Event, RunFinished
 from freehold.constrain.spec import JsonObject, JsonSchema
 from freehold.errors import InvalidRequestError, NotFoundError, PromptTooLongError
 from freehold.server.compat import ignored_fields_headers, pop_unknown_fields
 from freehold.server.engine_model import EngineModel
-from freehold.server.errors import APIError, describe_validation_errors
+from freehold.server.errors import APIError
 from freehold.server.protocol import ErrorResponse
 from freehold.server.responses_output import ResponseOutput, SearchRecorder, sse_event
-from freehold.server.responses_protocol import (REFUSED_FIELDS, ContentPart, FileSearchCallItem, FileSearchToolParam,
-                                                FunctionCallItem, FunctionCallOutputItem, FunctionToolParam,
-                                                MessageItem, ResponseObject, ResponsesRequest, TypedParts)
+from freehold.server.response_context import (TEMPLATE_SLACK, ContextPlan, plan_context, requested_budget,
+                                              summary_max_tokens, write_summary)
+from freehold.server.response_store import TurnState, TurnStream, finish_turn, open_turn
+from freehold.server.responses_input import (check_unicode, input_messages, stored_items, stored_parts,
+                                             typed_parts)
+from freehold.server.responses_protocol import (REFUSED_FIELDS, ConversationRef, FileSearchToolParam,
+                                                FunctionToolParam, ResponseObject, ResponsesRequest, TypedParts)
 from freehold.server.serving import Serving
-from freehold.server.streaming import EventStreamResponse, until_disconnected
+from freehold.server.streaming import until_disconnected
 from freehold.server.structured import RequestedConstraint
+from freehold.tools.parse import ContentDelta
 from freehold.tools.spec import NAME_PATTERN
 from freehold.types import SamplingParams
 
@@ -65,49 +66,129 @@ MAX_SEARCH_RESULTS = 50
 async def create_response(body: ResponsesRequest, request: Request, response: Response) -> Response | ResponseObject:
     serving: Serving = request.app.state.serving
     _check_unicode(body)
-    parts = _typed_parts(body)
+    if body.input is None:
+        raise InvalidRequestError("'input' is required: a string or a list of input items", param="input")
+    parts = typed_parts([] if isinstance(body.input, str) else body.input, body.tools)
     headers = ignored_fields_headers(pop_unknown_fields(body, serving.strict_api)
                                      + pop_unknown_fields(parts, serving.strict_api))
     model_name = serving.check_model(body.model)
     _check_supported(body)
+    requested_budget(body, serving.max_model_len)  # a bad truncation or budget is a 400 before any lookup
     if body.metadata:
         log.info("request metadata: %s", json.dumps(body.metadata, ensure_ascii=False)[:2000])
-    messages = input_messages(body.instructions, body.input, parts)
+    input_messages(body.instructions, body.input, parts)  # the request's own items checked before any lookup
+    turn = await open_turn(serving, body, stored_items(body.input, parts))
+    try:
+        return await _respond(serving, body, request, response, headers, model_name, parts, turn)
+    except BaseException:
+        turn.release()
+        raise
+
+
+async def _respond(serving: Serving, body: ResponsesRequest, request: Request, response: Response,
+                   headers: dict[str, str], model_name: str, parts: TypedParts,
+                   turn: TurnState) -> Response | ResponseObject:
+    """The response, run within `turn` (whose conversation lock is released when the response is over)."""
+    response_id = f"resp_{uuid.uuid4().hex}"
     recorder = SearchRecorder(serving.retrieval.stores) if serving.retrieval is not None else None
     tools = await _tools(serving, parts, recorder)
-    response_id = f"resp_{uuid.uuid4().hex}"
+    context = await _context(serving, body, parts, turn, response_id, [t.as_openai() for t in tools])
+    messages = context.messages if context is not None else await _all_messages(serving, body, parts, turn)
     model = EngineModel(serving, model_name, response_id, _sampling(body), _structured(body))
     agent = Agent(model, tools, limits=_limits(body, serving.max_model_len),
                   tool_choice=_tool_choice(body.tool_choice, tools),
                   parallel_tool_calls=body.parallel_tool_calls is not False)
-    await _first_turn_checks(model, agent, messages)
+    await _first_turn_checks(model, agent, messages, has_history=bool(turn.history), assembled=context is not None)
     serving.admit(1)
-    output = ResponseOutput(_head(body, response_id, model_name), agent, recorder,
+    output = ResponseOutput(_head(body, response_id, model_name, turn), agent, recorder,
                             include_results=INCLUDE_RESULTS in (body.include or []))
+    output.context = context.report if context is not None else None
     events = agent.events(messages)
+    finish = partial(_finish, serving, turn, context, model_name)
     if body.stream:
-        return EventStreamResponse(_stream(output, events), headers)
+        return TurnStream(_stream(output, events, finish), headers, lambda: turn.release())
     response.headers.update(headers)
-    return await until_disconnected(request, _collect(output, events))
+    try:
+        return await until_disconnected(request, _collect(output, events, finish))
+    finally:
+        turn.release()
+
+
+async def _all_messages(serving: Serving, body: ResponsesRequest, parts: TypedParts,
+                        turn: TurnState) -> list[dict[str, Any]]:
+    """Every stored item the response continues, then its input (stored items typed off the event loop: up to
+    StoreLimits of JSON)."""
+    if not turn.history or serving.conversations is None:
+        return input_messages(body.instructions, body.input, parts)
+    history = await serving.conversations.run(stored_parts, turn.history)
+    return input_messages(body.instructions, body.input, parts, history=history)
+
+
+async def _context(serving: Serving, body: ResponsesRequest, parts: TypedParts, turn: TurnState,
+                   response_id: str, tools: list[dict[str, Any]]) -> ContextPlan | None:
+    """The prompt assembled under the request's budget (truncation "auto" or freehold.context), `tools` counted in
+    it, or None: then it holds every stored item it continues. Needs the store (--data-dir) for memories and the
+    context state."""
+    budget = requested_budget(body, serving.max_model_len)
+    conversations = serving.conversations
+    if budget is None or conversations is None:
+        return None
+    count = conversations.indexes.counter(lambda text: serving.tokenizer.encode(text, add_special_tokens=False))
+    read_key = turn.conversation_id or turn.previous_response_id
+    write_key = turn.conversation_id or (response_id if turn.store else None)
+    return await conversations.run(plan_context, conversations.memories, conversations.indexes, count, body, parts,
+                                   turn.history, turn.input_items, budget, read_key, write_key, tools)
+
+
+async def _finish(serving: Serving, turn: TurnState, context: ContextPlan | None, model_name: str,
+                  response: ResponseObject) -> None:
+    """Commit the turn; then, with the memory policy, update the running summary in the background (at most one
+    per conversation or chain, none while the server closes: `SummaryTasks`)."""
+    await finish_turn(serving, turn, response)
+    conversations = serving.conversations
+    if context is None or conversations is None or context.state_key is None or context.report.policy != "memory":
+        return
+    count = conversations.indexes.counter(lambda text: serving.tokenizer.encode(text, add_special_tokens=False))
+    max_tokens = summary_max_tokens(context.budget, count)
+    if max_tokens == 0:
+        return
+
+    async def generate(messages: list[dict[str, Any]], max_tokens: int) -> str:
+        model = EngineModel(serving, model_name, f"{response.id}-summary", SamplingParams(temperature=0.0))
+        parts = [e.text async for e in model.turn(messages, [], max_tokens=max_tokens, tool_choice="none")
+                 if isinstance(e, ContentDelta)]
+        return "".join(parts)
+    max_prompt = min(context.budget.budget_tokens, serving.max_model_len - max_tokens) - TEMPLATE_SLACK
+    conversations.indexes.summaries.start(
+        context.state_key, partial(write_summary, conversations.memories, context, generate, count, max_prompt),
+        closing=lambda: serving.closing)
 
 
 # ---- the run --------------------------------------------------------------------------------------------------------
-async def _collect(output: ResponseOutput, events: AsyncIterator[Event]) -> ResponseObject:
+Finish = Callable[[ResponseObject], Awaitable[None]]
+
+
+async def _collect(output: ResponseOutput, events: AsyncIterator[Event], finish: Finish) -> ResponseObject:
     async with aclosing(events):  # type: ignore[type-var]
         async for event in events:
             output.on(event)
+    await finish(output.response)
     return output.response
 
 
-async def _stream(output: ResponseOutput, events: AsyncIterator[Event]) -> AsyncIterator[str]:
+async def _stream(output: ResponseOutput, events: AsyncIterator[Event], finish: Finish) -> AsyncIterator[str]:
     """response.created and response.in_progress at once, then the run's events as they come; closing this
-    generator (the client left) closes the run, which aborts the engine request of the turn in flight."""
+    generator (the client left) closes the run, which aborts the engine request of the turn in flight. A finished
+    run is stored (`finish`) before its last events are sent."""
     for event in output.start():
         yield sse_event(event)
     try:
         async with aclosing(events):  # type: ignore[type-var]
             async for event in events:
-                for out in output.on(event):
+                outs = output.on(event)
+                if isinstance(event, RunFinished):
+                    await finish(output.response)
+                for out in outs:
                     yield sse_event(out)
     except Exception as exc:  # a bug, not bad input: the stream still ends with response.failed
         log.exception("response %s failed", output.response.id, exc_info=exc)
@@ -115,7 +196,8 @@ async def _stream(output: ResponseOutput, events: AsyncIterator[Event]) -> Async
             yield sse_event(out)
 
 
-async def _first_turn_checks(model: EngineModel, agent: Agent, messages: list[dict[str, Any]]) -> None:
+async def _first_turn_checks(model: EngineModel, agent: Agent, messages: list[dict[str, Any]],
+                             has_history: bool, assembled: bool) -> None:
     """The first turn prepared now, as the loop will ask for it, so that what would fail it is a 400 (named as the
     Responses API names it) before anything streams."""
     limits = agent.limits
@@ -124,43 +206,21 @@ async def _first_turn_checks(model: EngineModel, agent: Agent, messages: list[di
         await model.prepare(messages, [t.as_openai() for t in agent.tools.values()], max_tokens=max_tokens,
                             tool_choice=agent.tool_choice, parallel_tool_calls=agent.parallel_tool_calls)
     except PromptTooLongError as exc:
-        raise APIError(400, str(exc), param="input", code="context_length_exceeded") from None
+        stored = " (assembled under the context budget, which counts the messages' text and tools, not the chat " \
+            "template's own tokens: lower freehold.context.budget_tokens or max_output_tokens)" if assembled else \
+            " (the stored items it continues included; nothing is dropped to fit without truncation 'auto')" \
+            if has_history else ""
+        raise APIError(400, f"{exc}{stored}", param="input", code="context_length_exceeded") from None
     except InvalidRequestError as exc:
         param = (exc.param or "").replace(".function.", ".")
         raise InvalidRequestError(str(exc).replace(".function.", "."), param=param or None) from None
 
 
 # ---- the request ----------------------------------------------------------------------------------------------------
-def _typed_parts(body: ResponsesRequest) -> TypedParts:
-    """The input items and tools as typed models; a bad one is a 400 naming it (input[2].call_id)."""
-    if body.input is None:
-        raise InvalidRequestError("'input' is required: a string or a list of input items", param="input")
-    items = [] if isinstance(body.input, str) else body.input
-    try:
-        return TypedParts.model_validate({"input": items, "tools": body.tools or []})
-    except pydantic.ValidationError as exc:
-        errors = [{**e, "loc": _without_tags(e["loc"])} for e in exc.errors()]
-        message, param = describe_validation_errors(errors)
-        raise InvalidRequestError(message, param=param) from None
-
-
-def _without_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """pydantic names the union member after an item's index (input, 0, function_call, call_id): drop it."""
-    out = list(loc)
-    if len(out) > 2 and isinstance(out[1], int) and isinstance(out[2], str):
-        del out[2]
-    return tuple(out)
-
-
 def _check_supported(body: ResponsesRequest) -> None:
     for name in REFUSED_FIELDS:
         if not _neutral(getattr(body, name)):
-            reason = " (it needs stored responses, which Freehold does not keep yet)" \
-                if name in ("previous_response_id", "conversation") else ""
-            raise InvalidRequestError(f"'{name}' is not supported by Freehold{reason}", param=name)
-    if body.truncation not in (None, "disabled"):
-        raise InvalidRequestError(f"truncation must be 'disabled' (Freehold does not drop input to fit the context), "
-                                  f"got {body.truncation!r}", param="truncation")
+            raise InvalidRequestError(f"'{name}' is not supported by Freehold", param=name)
     if body.text is not None and body.text.verbosity is not None:
         raise InvalidRequestError("'text.verbosity' is not supported by Freehold", param="text.verbosity")
     for i, name in enumerate(body.include or []):
@@ -181,96 +241,12 @@ def _neutral(value: Any) -> bool:
     return value is None or value is False or value == 0 or value == [] or value == ""
 
 
-def input_messages(instructions: str | None, given: str | list[dict[str, Any]] | None,
-                   parts: TypedParts) -> list[dict[str, Any]]:
-    """The chat messages of the request (see the module docstring)."""
-    messages: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions else []
-    if isinstance(given, str):
-        return messages + [{"role": "user", "content": given}]
-    if not parts.input:
-        raise InvalidRequestError("input must hold at least one item", param="input")
-    calls: set[str] = set()
-    for i, item in enumerate(parts.input):
-        where = f"input[{i}]"
-        if isinstance(item, MessageItem):
-            role = "system" if item.role == "developer" else item.role
-            messages.append({"role": role, "content": _text(item.content, f"{where}.content")})
-        elif isinstance(item, FunctionCallItem):
-            messages = _with_call(messages, item, where)
-            calls.add(item.call_id)
-        elif isinstance(item, FunctionCallOutputItem):
-            if item.call_id not in calls:
-                raise InvalidRequestError(f"{where} is the output of the call {item.call_id!r}, which no earlier "
-                                          "function_call item made", param=f"{where}.call_id")
-            messages.append({"role": "tool", "tool_call_id": item.call_id,
-                             "content": _text(item.output, f"{where}.output")})
-        elif not isinstance(item, FileSearchCallItem):
-            raise InvalidRequestError(f"{where}: input items of type {item.type!r} are not supported (only messages, "
-                                      "function_call, function_call_output and file_search_call)",
-                                      param=f"{where}.type")
-    return messages
-
-
-def _with_call(messages: list[dict[str, Any]], item: FunctionCallItem, where: str) -> list[dict[str, Any]]:
-    """The call appended to the assistant message just before it, if that one makes calls, else to a new one."""
-    try:
-        arguments = json.loads(item.arguments)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequestError(f"{where}.arguments is not valid JSON: {exc}", param=f"{where}.arguments") from None
-    except RecursionError:
-        raise InvalidRequestError(f"{where}.arguments nests too deeply to parse", param=f"{where}.arguments") from None
-    if not isinstance(arguments, dict):
-        raise InvalidRequestError(f"{where}.arguments must be a JSON object in a string", param=f"{where}.arguments")
-    # escapes in the JSON text (\ud800) decode to what the template renders: a lone surrogate cannot be tokenized
-    _checked(json.dumps(arguments, ensure_ascii=False), f"{where}.arguments", f"{where}.arguments (decoded)")
-    call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
-    last = messages[-1] if messages else None
-    if last is not None and last["role"] == "assistant" and "tool_calls" in last:
-        last["tool_calls"].append(call)
-    elif last is not None and last["role"] == "assistant" and last["content"]:
-        last["tool_calls"] = [call]  # the text the same turn wrote before its calls
-    else:
-        messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-    return messages
-
-
-def _text(content: str | list[ContentPart], where: str) -> str:
-    if isinstance(content, str):
-        return content
-    texts = []
-    for j, part in enumerate(content):
-        if part.type not in ("input_text", "output_text") or part.text is None:
-            raise InvalidRequestError(f"{where}[{j}]: content of type {part.type!r} is not supported: only text "
-                                      "(input_text, output_text)", param=f"{where}[{j}]")
-        texts.append(part.text)
-    return "".join(texts)
-
-
 def _check_unicode(body: ResponsesRequest) -> None:
-    """Every string of the request that reaches the template, the tokenizer or the grammar compiler (keys too) is
-    valid Unicode: JSON's \\uXXXX escapes can smuggle lone surrogates, which cannot be tokenized. Walked with a
-    stack, not recursion: the body may nest as deep as the JSON parser allowed."""
+    """Every string of the request that reaches the template, the tokenizer or the grammar compiler is valid
+    Unicode (`check_unicode`)."""
     fmt = body.text.format if body.text is not None else None
-    stack: list[tuple[str, Any]] = [("text.format.schema", fmt.schema_ if fmt else None), ("tools", body.tools),
-                                    ("input", body.input), ("instructions", body.instructions)]
-    while stack:
-        param, value = stack.pop()
-        if isinstance(value, str):
-            _checked(value, param)
-        elif isinstance(value, list):
-            stack.extend((f"{param}[{i}]", v) for i, v in reversed(list(enumerate(value))))
-        elif isinstance(value, dict):
-            for key, v in reversed(value.items()):
-                _checked(key, param, f"a key of {param}")  # checked before it joins a param: errors stay text
-                stack.append((f"{param}.{key}", v))
-
-
-def _checked(text: str, param: str, what: str | None = None) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidRequestError(f"{what or param} contains an unpaired surrogate (\\u{ord(text[exc.start]):04x}) "
-                                  f"at character {exc.start}: not valid Unicode text", param=param) from None
+    check_unicode([("instructions", body.instructions), ("input", body.input), ("tools", body.tools),
+                   ("text.format.schema", fmt.schema_ if fmt else None)])
 
 
 async def _tools(serving: Serving, parts: TypedParts, recorder: SearchRecorder | None) -> list[FunctionTool]:
@@ -383,7 +359,7 @@ def _limits(body: ResponsesRequest, max_model_len: int) -> Limits:
                   max_turn_tokens=body.max_output_tokens or max_model_len)
 
 
-def _head(body: ResponsesRequest, response_id: str, model: str) -> ResponseObject:
+def _head(body: ResponsesRequest, response_id: str, model: str, turn: TurnState) -> ResponseObject:
     """The response before any output: the request's settings echoed."""
     text = {"format": body.text.format.model_dump(by_alias=True, exclude_none=True)} \
         if body.text is not None and body.text.format is not None else {"format": {"type": "text"}}
@@ -394,4 +370,7 @@ def _head(body: ResponsesRequest, response_id: str, model: str) -> ResponseObjec
                           max_output_tokens=body.max_output_tokens, max_tool_calls=body.max_tool_calls,
                           temperature=1.0 if body.temperature is None else body.temperature,
                           top_p=1.0 if body.top_p is None else body.top_p, text=text,
-                          metadata=body.metadata or {}, user=body.user, service_tier=body.service_tier)
+                          metadata=body.metadata or {}, user=body.user, service_tier=body.service_tier,
+                          store=turn.store, previous_response_id=turn.previous_response_id,
+                          truncation="auto" if body.truncation == "auto" else "disabled",
+                          conversation=ConversationRef(id=turn.conversation_id) if turn.conversation_id else None)

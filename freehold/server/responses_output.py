@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 from freehold.agent import Agent, StopReason
 from freehold.agent.events import CallDelta, Event, ModelTurn, RunFinished, TextDelta, ToolResult
 from freehold.server.responses_protocol import (ArgumentsDeltaEvent, ArgumentsDoneEvent, ContentPartEvent,
-                                                FileSearchCallOutput, FileSearchResult, FunctionCallOutput,
-                                                IncompleteDetails, InputTokensDetails, ItemStatusEvent, OutputItem,
-                                                OutputItemEvent, OutputMessage, OutputText, ResponseError,
-                                                ResponseEvent, ResponseLifecycleEvent, ResponseObject, ResponseUsage,
-                                                RunInfo, TextDeltaEvent, TextDoneEvent)
+                                                ContextReport, FileSearchCallOutput, FileSearchResult,
+                                                FunctionCallOutput, IncompleteDetails, InputTokensDetails,
+                                                ItemStatusEvent, OutputItem, OutputItemEvent, OutputMessage, OutputText,
+                                                ResponseError, ResponseEvent, ResponseLifecycleEvent, ResponseObject,
+                                                ResponseUsage, RunInfo, TextDeltaEvent, TextDoneEvent)
 
 if TYPE_CHECKING:  # the retrieval extra is optional
     from freehold.retrieval.manager import StoreManager
@@ -88,6 +88,7 @@ class ResponseOutput:
         self._max_output_tokens = agent.limits.max_output_tokens
         self._recorder = recorder
         self._include_results = include_results
+        self.context: ContextReport | None = None  # what the prompt held, when it was assembled (response_context)
         self._sequence = 0
         self._step = 0
         self._message: int | None = None  # output index of this turn's message item
@@ -237,7 +238,7 @@ class ResponseOutput:
         r.usage = ResponseUsage(input_tokens=finished.prompt_tokens,
                                 input_tokens_details=InputTokensDetails(cached_tokens=finished.cached_tokens),
                                 output_tokens=finished.completion_tokens, total_tokens=finished.total_tokens)
-        r.freehold = RunInfo(stop_reason=finished.stop_reason.value, detail=finished.detail)
+        r.freehold = RunInfo(stop_reason=finished.stop_reason.value, detail=finished.detail, context=self.context)
         if finished.stop_reason is StopReason.ERROR:
             r.status, r.error = "failed", ResponseError(code="server_error", message=finished.detail)
         elif self._cut_by_tokens(finished):

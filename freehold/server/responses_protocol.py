@@ -30,6 +30,25 @@ class TextConfig(_Body):
     verbosity: str | None = Field(None, description="not supported: 400 if set")
 
 
+class ContextParam(_Body):
+    """Freehold extension (`freehold.context`): how a turn's context is assembled from what it continues
+    (freehold.memory.context)."""
+
+    policy: Literal["memory", "truncate"] | None = Field(None, description="memory (default): summary + recalled "
+                                                         "passages + recent turns; truncate: the newest turns that fit")
+    budget_tokens: int | None = Field(None, description="prompt tokens to assemble within (default: the context "
+                                                        "length less max_output_tokens, or half the context)")
+    namespace: str | None = Field(None, description="recall this namespace's /v1/memories too (default: the "
+                                  "namespace 'default', where /v1/memories puts a memory given none; a label, not "
+                                  "access control)")
+
+
+class FreeholdParam(_Body):
+    """Freehold extension of the request (`freehold`)."""
+
+    context: ContextParam | None = None
+
+
 class ResponsesRequest(_Body):
     model: str | None = None
     input: str | list[dict[str, Any]] | None = Field(None, description="a user message, or a list of input items")
@@ -47,26 +66,30 @@ class ResponsesRequest(_Body):
     stream_options: dict[str, Any] | None = Field(None, description="accepted (include_obfuscation: no effect)")
     include: list[str] | None = Field(None, description="only \"file_search_call.results\"")
     text: TextConfig | None = None
-    truncation: str | None = Field(None, description="only \"disabled\"")
+    truncation: str | None = Field(None, description="\"disabled\" (default) or \"auto\": drop the oldest turns "
+                                                      "to fit (with freehold.context: that policy)")
     metadata: dict[str, str] | None = Field(None, description="accepted and written to the server log")
     user: str | None = Field(None, description="accepted; recorded nowhere")
     safety_identifier: str | None = Field(None, description="accepted; recorded nowhere")
-    store: bool | None = Field(None, description="accepted; Freehold stores no responses")
+    store: bool | None = Field(None, description="keep the response (default: true on a server with a data "
+                                                 "directory): GET /v1/responses/{id}, previous_response_id")
     service_tier: str | None = Field(None, description="accepted; every request is served alike")
     prompt_cache_key: str | None = Field(None, description="accepted; the prefix cache needs no key")
     prompt_cache_retention: str | None = Field(None, description="accepted; no effect")
+    previous_response_id: str | None = Field(None, description="continue a stored response: its input and output "
+                                                               "items come before this input")
+    conversation: Any = Field(None, description="\"conv_...\" or {\"id\": ...}: the conversation's items come "
+                                                "before this input; the turn is appended to it")
     # documented, refused unless neutral (null, false, empty)
-    previous_response_id: str | None = Field(None, description="not supported: needs stored responses")
-    conversation: Any = Field(None, description="not supported: needs stored conversations")
     reasoning: dict[str, Any] | None = Field(None, description="not supported: 400 unless null or empty")
     background: bool | None = Field(None, description="not supported: 400 if true")
     prompt: Any = Field(None, description="not supported: no stored prompts")
     top_logprobs: int | None = Field(None, description="not supported: 400 unless null or 0")
     context_management: Any = Field(None, description="not supported")
+    freehold: FreeholdParam | None = Field(None, description="Freehold extension: context assembly and memories")
 
 
-REFUSED_FIELDS = ("previous_response_id", "conversation", "reasoning", "background", "prompt", "top_logprobs",
-                  "context_management")
+REFUSED_FIELDS = ("reasoning", "background", "prompt", "top_logprobs", "context_management")
 
 
 class ContentPart(_Body):
@@ -244,11 +267,43 @@ class IncompleteDetails(BaseModel):
     reason: Literal["max_output_tokens"]  # OpenAI's reason for a token cut; other stops name theirs in `freehold`
 
 
+class IncludedItem(BaseModel):
+    id: str
+    num_tokens: int
+
+
+class RecalledPassage(BaseModel):
+    source_id: str = Field(description="the conversation item (msg_...) or memory (mem_...) it comes from")
+    num_tokens: int
+    text: str
+
+
+class ContextReport(BaseModel):
+    """Freehold extension (`response.freehold.context`): what the assembled prompt holds, as the budget counts it
+    (freehold.memory.context); set when the request asked for truncation "auto" or `freehold.context`."""
+
+    policy: Literal["memory", "truncate"]
+    budget_tokens: int
+    num_tokens: int = Field(description="the assembled prompt's tokens as counted against the budget")
+    items: list[IncludedItem] = Field(description="stored items included verbatim, oldest first")
+    recalled: list[RecalledPassage] = Field(description="passages in the memory block, best first")
+    summary_tokens: int = Field(description="the running summary's tokens (0: none included)")
+    summary_through: str | None = Field(None, description="the last item the included summary covers")
+    num_dropped_items: int = Field(description="stored items left out of the verbatim window")
+    parts: dict[str, int] = Field(description="tokens of instructions, tools, summary, recent, recalled, input")
+
+
 class RunInfo(BaseModel):
     """Freehold extension (`response.freehold`): how the agent loop's run ended, once it has."""
 
     stop_reason: str = Field(description="answer, client_tools, budget, max_steps, loop_detected, timeout or error")
     detail: str = Field(description="why, in words (\"max_tool_calls (2) reached\", ...)")
+    context: ContextReport | None = Field(None, description="what the prompt held (truncation auto or "
+                                                            "freehold.context only)")
+
+
+class ConversationRef(BaseModel):
+    id: str
 
 
 class ResponseObject(BaseModel):
@@ -270,13 +325,14 @@ class ResponseObject(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
-    truncation: Literal["disabled"] = "disabled"
+    truncation: Literal["disabled", "auto"] = "disabled"
     metadata: dict[str, str] = Field(default_factory=dict)
     user: str | None = None
     service_tier: str | None = None
-    store: bool = False  # nothing is stored (retrieving a response by id is not implemented)
+    store: bool = False
     background: bool = False
     previous_response_id: str | None = None
+    conversation: ConversationRef | None = None
     reasoning: dict[str, Any] | None = None
     freehold: RunInfo | None = Field(None, description="Freehold extension: how the run ended (null until then)")
 

@@ -21,6 +21,7 @@ from freehold.constrain.spec import Constraint
 from freehold.engine.async_engine import AsyncEngine
 from freehold.errors import InvalidRequestError
 from freehold.server.compat import ignored_fields_headers, pop_unknown_fields
+from freehold.server.conversations import Conversations
 from freehold.server.embedding_worker import EmbeddingWorker
 from freehold.server.errors import APIError, QueueFullError, ServerShuttingDownError
 from freehold.server.limits import PromptLengthBound, ServerLimits
@@ -85,6 +86,7 @@ class Serving:
         self.tokenizer = tokenizer
         self.model_name = self.model_names[0]
         self.max_model_len = engine.engine.max_model_len
+        self.kv_policy = engine.engine.config.kv_policy  # requests without their own kv_policy
         self.max_waiting = max_waiting
         self.num_pending = 0  # requests whose engine request has produced no token yet
         self.created = int(time.time())
@@ -97,6 +99,7 @@ class Serving:
         self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="freehold-tokenize")
         self.embeddings: EmbeddingWorker | None = None  # /v1/embeddings (freehold.server.embeddings), set by main
         self.retrieval: Retrieval | None = None  # files and vector stores (freehold.server.ingest), set by main
+        self.conversations: Conversations | None = None  # stored responses and conversations, set by main
 
     # -- before a request starts ----------------------------------------------------------------------------
     def check_model(self, model: str | None) -> str:
@@ -114,23 +117,24 @@ class Serving:
         return ignored_fields_headers(pop_unknown_fields(body, self.strict_api))
 
     async def encode_chat(self, messages: list[dict], tools: list[dict] | None = None,
-                          options: TemplateOptions | None = None) -> list[int]:
+                          options: TemplateOptions | None = None, sink: bool = False) -> list[int]:
         """The chat prompt's ids (`tools` for a template that renders them); PromptTooLongError first, without
         tokenizing, if the rendered text cannot fit (the template may trim or drop content, so the bound reads what
-        it renders)."""
+        it renders). `sink`: the request's KV policy is "sink", which streams a prompt of any length: no bound."""
         def encode() -> list[int]:
             text = self.tokenizer.apply_chat_template(messages, tools=tools, options=options)
-            self.prompt_bound.check([text], self.max_model_len)
+            if not sink:
+                self.prompt_bound.check([text], self.max_model_len)
             return self.tokenizer.encode(text, add_special_tokens=False)
         return await self._off_loop(encode)
 
     async def encode_prompts(self, prompts: Sequence[str | list[int]], add_special_tokens: bool = True,
-                             generated: int = 1) -> list[list[int]]:
+                             generated: int = 1, sink: bool = False) -> list[list[int]]:
         """Token ids of each prompt; PromptTooLongError first if a text cannot leave `generated` tokens of room
-        (0 for a prompt-only request: echo with max_tokens 0)."""
+        (0 for a prompt-only request: echo with max_tokens 0), unless `sink` (any length streams)."""
         def encode() -> list[list[int]]:
             for p in prompts:
-                if isinstance(p, str):
+                if isinstance(p, str) and not sink:
                     self.prompt_bound.check([p], self.max_model_len, generated)
             return [self.tokenizer.encode(p, add_special_tokens) if isinstance(p, str) else list(p) for p in prompts]
         return await self._off_loop(encode)

@@ -131,7 +131,8 @@ def server() -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="session")
 def keyed_server() -> Iterator[ServerProcess]:
+    # --window 512: requests may ask for "kv_policy": "sink" (tests/integration/test_server_sink.py)
     s = start_server("--kv-cache-memory", "64M", "--max-model-len", "1024", "--max-num-seqs", "1",
-                     "--max-waiting", "1", "--strict-api", api_key=API_KEY)
+                     "--max-waiting", "1", "--strict-api", "--window", "512", api_key=API_KEY)
     yield s
     stop_server(s)

@@ -46,7 +46,10 @@ def test_the_token_budget_ends_a_run_on_the_real_model(default_llm):
     assert result.finished.total_tokens <= 600
 
 
-def test_cli_streams_steps_writes_a_trace_and_renders_it(tmp_path):
+def test_cli_streams_steps_writes_a_trace_and_renders_it(tmp_path, capsys):
+    """One real run in its own process (the command as a user runs it); the trace rendering and the argument errors
+    in this process (they load no model)."""
+    from freehold.cli import main
     trace = tmp_path / "cli.jsonl"
     cmd = [sys.executable, "-m", "freehold.cli", "agent", "What is 98765 * 4321?", "--tools", "calculator",
            "--tool-choice", "required", "--max-steps", "2", "--max-tokens", "48", "--trace", str(trace)]
@@ -55,12 +58,11 @@ def test_cli_streams_steps_writes_a_trace_and_renders_it(tmp_path):
     assert "step 1  model:" in run.stdout and "calls calculator(" in run.stdout and "finished: " in run.stdout
     events = read_trace(trace)
     assert events[0].type == "run_started" and events[-1].type == "run_finished"
-    shown = subprocess.run([sys.executable, "-m", "freehold.cli", "agent", "trace", str(trace)],
-                           capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0 and "tool calculator" in shown.stdout and "finished: " in shown.stdout
+    code, (out, err) = main(["agent", "trace", str(trace)]), capsys.readouterr()
+    assert code == 0 and "tool calculator" in out and "finished: " in out
     for argv, words in ((["go", "--tools", "calculator,teleport"], "teleport"), (["trace"], "trace FILE"),
                         (["trace", str(tmp_path / "none.jsonl")], "cannot read the trace"),
                         (["go", "--tools", "file_search"], "--store")):
-        bad = subprocess.run([sys.executable, "-m", "freehold.cli", "agent", *argv], capture_output=True, text=True,
-                             timeout=120)
-        assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr, (argv, bad.stderr)
+        code, (out, err) = main(["agent", *argv]), capsys.readouterr()
+        assert code == 2 and words in err and "Traceback" not in err, (argv, err)
+

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-NUM_TOKENS = 4096  # four 1,024-token windows: `freehold eval ppl`'s full 32,768 is a benchmark, not a test
+NUM_TOKENS = 2048  # two 1,024-token windows: `freehold eval ppl`'s full 32,768 is a benchmark, not a test
 
 
 def test_eval_ppl_matches_transformers(default_model_file):

@@ -1,4 +1,4 @@
-"""What quantization costs in accuracy, on the default model and the pydoc text (8 windows of 1,024 tokens;
+"""What quantization costs in accuracy, on the default model and the pydoc text (4 windows of 1,024 tokens;
 `freehold bench quant` runs the full 32,768): int4 from the GGUF's Q4_1 within 0.1% of the dequantized-fp32
 perplexity, int8 weights within 1%, an int8 KV cache within 1% of the fp32 one."""
 import pytest
@@ -10,7 +10,7 @@ from freehold.eval.ppl import default_text, perplexity
 from freehold.models.loader import load_model
 from freehold.quant.modes import WeightMode
 
-TOKENS, WINDOW = 8192, 1024
+TOKENS, WINDOW = 4096, 1024
 
 
 @pytest.fixture(scope="module")

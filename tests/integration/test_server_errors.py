@@ -85,6 +85,10 @@ CASES = [
      {"json": {**CHAT, "stream_options": {"include_usage": True}}}, 400, "stream_options", "stream"),
     ("min_tokens over max_tokens", "POST", "/v1/completions", {"json": {**COMPLETION, "min_tokens": 9}}, 400,
      "min_tokens", "min_tokens"),
+    ("speculation the server runs without", "POST", "/v1/chat/completions",
+     {"json": {**CHAT, "num_speculative_tokens": 4}}, 400, "num_speculative_tokens", "--speculative ngram or draft"),
+    ("negative num_speculative_tokens", "POST", "/v1/completions",
+     {"json": {**COMPLETION, "num_speculative_tokens": -1}}, 400, "num_speculative_tokens", ">= 0"),
     ("unknown route", "GET", "/v1/engines", {}, 404, None, "no such route"),
     ("wrong method", "GET", "/v1/chat/completions", {}, 405, None, "not allowed"),
 ]

@@ -118,7 +118,8 @@ def test_instructions_are_a_system_message_and_the_budget_cuts_the_output(client
     assert r.output_text == chat.choices[0].message.content and r.usage.output_tokens == 5
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.output[0].status == "incomplete" and r.instructions == "You are a pirate."
-    assert Response.model_validate(r.to_dict()).freehold == {"stop_reason": "answer", "detail": r.freehold["detail"]}
+    assert Response.model_validate(r.to_dict()).freehold == {"stop_reason": "answer", "detail": r.freehold["detail"],
+                                                             "context": None}  # no context assembly asked
 
 
 def test_a_function_call_is_handed_back_and_its_output_answered(client: openai.OpenAI) -> None:
@@ -242,9 +243,11 @@ BAD = [({}, "input"),
        ({"input": "x", "tools": [F], "text": {"format": {"type": "json_object"}}}, "text.format"),
        ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
        ({"input": "x", "temperature": 2.5}, "temperature"),
-       ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+       ({"input": "x", "previous_response_id": "resp_1", "conversation": "conv_1"}, "conversation"),
+       ({"input": "x", "conversation": {"name": "c"}}, "conversation"),
        ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning"),
-       ({"input": "x", "truncation": "auto"}, "truncation"),
+       ({"input": "x", "truncation": "sometimes"}, "truncation"),
+       ({"input": "x", "freehold": {"context": {"budget_tokens": 0}}}, "freehold.context.budget_tokens"),
        ({"input": "x", "include": ["message.output_text.logprobs"]}, "include[0]"),
        ({"input": "x " * 3000}, "input"),
        ({"input": [_call(DEEP), _OUTPUT]}, "input[0].arguments"),

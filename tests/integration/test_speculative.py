@@ -3,8 +3,6 @@ plain decoding over 20+ prompts, alone and in a mixed batch where some rows spec
 constrained by a grammar; the KV cache intact after every step; the CLI flag."""
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 
@@ -71,14 +69,16 @@ def test_greedy_output_is_identical_alone_and_in_a_mixed_batch(spec_llm):
     assert engine.stats().num_accepted_tokens - before.num_accepted_tokens > 20
 
 
-def test_cli_generate_with_speculation_prints_the_same_text():
+def test_cli_generate_with_speculation_prints_the_same_text(capsys):
+    """The command in this process (each run loads the model as a user's run does)."""
+    from freehold.cli import main
     prompt = "Repeat exactly: the quick brown fox jumps over the lazy dog. the quick brown fox jumps over the lazy dog."
     texts = []
     for mode in ("off", "ngram"):
-        run_ = subprocess.run([sys.executable, "-m", "freehold.cli", "generate", prompt, "--chat", "--max-tokens", "40",
-                               "--speculative", mode], capture_output=True, text=True, timeout=300)
-        assert run_.returncode == 0, run_.stderr
-        texts.append(run_.stdout)
+        code = main(["generate", prompt, "--chat", "--max-tokens", "40", "--speculative", mode])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        texts.append(out)
     assert texts[0] == texts[1] and texts[0].strip()
 
 

@@ -113,3 +113,20 @@ def test_a_server_that_is_not_there_ends_the_run_with_error():
 def test_a_model_that_is_not_a_url_is_refused():
     with pytest.raises(ValueError, match="base URL"):
         Agent("gpt-4o", [add])
+
+
+@pytest.mark.parametrize("stand_in", [[
+    {"role": "assistant", "content": None, "tool_calls": [tool_call("c1", "calculator", '{"expression": "6 * 7"}')]},
+    {"role": "assistant", "content": "42"},
+]], indirect=True)
+def test_cli_agent_with_base_url_runs_the_loop_against_that_server(stand_in, capsys, monkeypatch):
+    from freehold.cli import main
+    monkeypatch.setenv("OPENAI_API_KEY", "from-env")
+    assert main(["agent", "6 times 7?", "--tools", "calculator", "--base-url", stand_in.base_url,
+                 "--served-model", "remote-m", "--max-steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "calls calculator(" in out and "finished: " in out
+    first, second = stand_in.requests
+    assert first["path"] == "/v1/chat/completions" and first["model"] == "remote-m"
+    assert first["auth"] == "Bearer from-env"  # the key from the environment, never in the URL
+    assert second["messages"][-1]["role"] == "tool" and "42" in second["messages"][-1]["content"]

@@ -20,7 +20,7 @@ def test_only_freehold_is_packaged():
 
 
 @pytest.mark.parametrize("name", ["generate", "throughput", "prefix", "quant", "sampling", "structured", "serve", "tools",
-                                  "embed"])
+                                  "embed", "step"])
 def test_every_bench_takes_an_output_folder(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["bench", name, "--help"])
@@ -37,3 +37,56 @@ def test_results_go_to_the_current_directory_or_out(tmp_path, monkeypatch):
     assert "| 1 | 2.5 |" in (tmp_path / "bench-results" / "demo.md").read_text()
     elsewhere = write_results("demo", ["a"], [[3]], None, tmp_path / "out")
     assert elsewhere == tmp_path / "out" / "demo.json" and elsewhere.is_file()
+
+
+def _level(concurrency: int, tok_s: float, p50_ms: float, p99_ms: float):
+    from freehold.bench.serve import LevelReport
+    return LevelReport(concurrency, 64, 0, 10.0, int(tok_s * 10), tok_s, p50_ms, p99_ms, 20.0, 80.0, 288.0)
+
+
+def test_the_serve_sweep_writes_a_png_plot(tmp_path):
+    from freehold.bench.serve import plot_sweep
+    reports = [_level(1, 56.0, 300, 900), _level(4, 122.0, 450, 2000), _level(16, 133.0, 590, 4700)]
+    written = plot_sweep(reports, tmp_path / "sub" / "serve.png", title="demo")
+    assert written == tmp_path / "sub" / "serve.png"
+    data = written.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+
+
+def test_the_sweep_sets_levels_workload_and_plot_and_concurrency_still_works(tmp_path):
+    from freehold.bench.serve import SWEEP, _workload_shape, plot_path
+    args = build_parser().parse_args(["bench", "serve", "--sweep", "1,4,16,64", "--num-requests", "3",
+                                      "--out", str(tmp_path)])
+    assert _workload_shape(args) == ([1, 4, 16, 64], SWEEP["num_requests"], (64, 512), (64, 256))
+    assert SWEEP["num_requests"] == 64 and plot_path(args) == tmp_path / "serve.png"
+    args = build_parser().parse_args(["bench", "serve", "--concurrency", "2,8", "--num-requests", "5",
+                                      "--input-len", "10,20", "--output-len", "3,4", "--max-num-batched-tokens", "256"])
+    assert _workload_shape(args) == ([2, 8], 5, (10, 20), (3, 4)) and plot_path(args) is None
+    assert args.max_num_batched_tokens == "256"
+    assert build_parser().parse_args(["bench", "serve", "--plot", "x.png"]).plot == Path("x.png")
+    with pytest.raises(SystemExit, match="once"):
+        _workload_shape(build_parser().parse_args(["bench", "serve", "--sweep", "1,4", "--concurrency", "2"]))
+
+
+def test_the_serve_table_goes_through_write_results(tmp_path):
+    from freehold.bench.common import write_results
+    from freehold.bench.serve import TABLE_HEADERS, table_rows
+    write_path = write_results("serve", TABLE_HEADERS, table_rows([_level(1, 56.0, 300, 900)]), None, tmp_path)
+    written = json.loads(write_path.read_text())
+    assert written["headers"][4] == "output tok/s" and written["rows"][0][:5] == [1, 64, 0, 10.0, 56.0]
+    assert written["rows"][0][5:] == [300, 900, 20.0, 80.0]
+
+
+def test_a_missing_matplotlib_is_named_before_the_server_starts(monkeypatch, capsys, tmp_path):
+    import sys
+
+    from freehold.bench import serve
+    from freehold.cli import main
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as when it is not installed
+
+    def start_server(args):
+        raise AssertionError("the server started before the missing package was reported")
+    monkeypatch.setattr(serve, "_start_server", start_server)
+    assert main(["bench", "serve", "--sweep", "1,4", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "pip install 'freehold[inspect]'" in err

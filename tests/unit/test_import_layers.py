@@ -14,6 +14,7 @@ LAYERS = [
     {"kv", "sampling", "text_stream", "embed", "spec"},
     {"engine"},
     {"retrieval"},  # chunking, BM25 + dense + hybrid search, durable vector stores (on embed)
+    {"memory"},  # stored responses and conversations (SQLite), context assembly and memories over retrieval
     {"llm", "eval"},
     {"agent"},  # the tool loop over an LLM or any OpenAI-compatible server; built-in tools
     {"server", "bench"},

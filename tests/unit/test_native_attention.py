@@ -21,11 +21,12 @@ def filled(kind: str):
     return cache
 
 
-def decode(cache, q, tables, lens, use_native: bool, monkeypatch):
+def decode(cache, q, tables, lens, use_native: bool, monkeypatch, runs=None):
     monkeypatch.setenv(native.ENV_SWITCH, "1" if use_native else "0")
     native.paged_attention.cache_clear()
     try:
-        meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), len(lens), tables, lens, ())
+        runs = torch.tensor(runs) if runs is not None else None
+        meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), len(lens), tables, lens, (), runs)
         return _decode_attention(0, q, cache, meta)
     finally:
         native.paged_attention.cache_clear()
@@ -51,6 +52,41 @@ def test_a_sequence_gets_the_same_output_in_any_batch(monkeypatch):
     for i in range(6):
         alone = decode(cache, q[i:i + 1], tables[i:i + 1], lens[i:i + 1], True, monkeypatch)
         assert torch.equal(alone[0], together[i])
+
+
+def runs_batch():
+    """Rows of three sequences: one alone, a run of 5 (a token and 4 drafts) crossing a chunk boundary at 128, and
+    a run of 30 rows (a short prompt chunk; more rows than one task holds: 64 / 3 heads per KV head = 21)."""
+    seqs = [(1, 90), (5, 126), (30, 300)]  # (rows, context of the first row)
+    tables, lens, runs = [], [], [0]
+    for i, (rows, first) in enumerate(seqs):
+        table = torch.randperm(BLOCKS)[:21]
+        tables += [table] * rows
+        lens += range(first, first + rows)
+        runs.append(runs[-1] + rows)
+    return torch.stack(tables), torch.tensor(lens), runs
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+def test_rows_of_a_run_match_gather_and_sdpa_and_each_row_alone(kind, monkeypatch):
+    cache = filled(kind)
+    tables, lens, runs = runs_batch()
+    q = torch.randn(len(lens), H, D)
+    together = decode(cache, q, tables, lens, True, monkeypatch, runs)
+    torch.testing.assert_close(together, decode(cache, q, tables, lens, False, monkeypatch), atol=2e-6, rtol=1e-5)
+    assert torch.equal(together, decode(cache, q, tables, lens, True, monkeypatch))  # every row its own run
+    for i in (0, 1, 5, 6, 20, 27, 35):
+        alone = decode(cache, q[i:i + 1], tables[i:i + 1], lens[i:i + 1], True, monkeypatch)
+        assert torch.equal(alone[0], together[i]), i
+
+
+@pytest.mark.parametrize("runs, words", [([0, 2, 2, 36], "increasing row offsets"), ([0, 36, 40], "from 0 to 36"),
+                                         ([1, 36], "from 0 to 36"), ([0, 3, 36], "share one block table")])
+def test_runs_that_do_not_describe_the_rows_are_refused(runs, words, monkeypatch):
+    cache = filled("fp32")
+    tables, lens, _ = runs_batch()
+    with pytest.raises(KernelArgumentError, match=words):
+        decode(cache, torch.randn(len(lens), H, D), tables, lens, True, monkeypatch, runs)
 
 
 def test_switch_turns_the_kernel_off(monkeypatch):

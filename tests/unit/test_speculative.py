@@ -329,3 +329,76 @@ def test_step_costs_count_as_measured_only_with_sizes_far_enough_apart():
         costs.record(64, 0.3)
         costs.record(65, 0.3)
     assert not costs.measured
+
+
+# -- per request, and the budget claims ----------------------------------------------------------------------------
+def test_a_request_may_lower_its_draft_length_or_turn_speculation_off(monkeypatch):
+    from freehold.engine import speculation
+    model = tiny_model()
+    base = dict(max_tokens=24, temperature=0.0, ignore_eos=True)
+    prompt = REPETITIVE[0]
+    truth = run(tiny_engine(model), [prompt], SamplingParams(**base))["0"]
+
+    class Truth:  # the engine's own policy and limits, with proposals that are always right
+        def propose(self, token_ids, length, k):
+            done = length - len(prompt)
+            return truth[done:done + k]
+
+    monkeypatch.setattr(speculation, "SpecState", lambda: SpecState(index=Truth()))
+    engine = tiny_engine(model, **NGRAM)  # the engine drafts up to 4
+    drafts: dict[str, list[int]] = {}
+    record = engine.speculator.record_verification
+
+    def recording(seq, num_drafts, num_accepted):
+        if num_drafts:
+            drafts.setdefault(seq.request_id, []).append(num_drafts)
+        record(seq, num_drafts, num_accepted)
+
+    engine.speculator.record_verification = recording
+    params = [SamplingParams(**base, num_speculative_tokens=0), SamplingParams(**base, num_speculative_tokens=2),
+              SamplingParams(**base)]
+    assert run(engine, [prompt] * 3, params) == {str(i): truth for i in range(3)}
+    assert "0" not in drafts  # off for this request
+    assert max(drafts["1"]) == 2 and max(drafts["2"]) == 4  # its own limit; the engine's
+
+
+def test_per_request_speculation_the_engine_cannot_give_is_a_clear_error():
+    model = tiny_model()
+    with pytest.raises(InvalidRequestError, match="runs without .*--speculative ngram or draft"):
+        tiny_engine(model).add_request("a", [1, 2, 3], SamplingParams(num_speculative_tokens=2))
+    tiny_engine(model).add_request("b", [1, 2, 3], SamplingParams(num_speculative_tokens=0))  # off is always fine
+    with pytest.raises(InvalidRequestError, match=r"num_speculative_tokens must be in \[0, 4\].*got 5"):
+        tiny_engine(model, **NGRAM).add_request("c", [1, 2, 3], SamplingParams(num_speculative_tokens=5))
+    with pytest.raises(InvalidRequestError, match="num_speculative_tokens must be >= 0"):
+        SamplingParams(num_speculative_tokens=-1)
+
+
+def test_drafts_never_preempt_and_take_only_free_blocks():
+    model = tiny_model()
+    engine = tiny_engine(model, **NGRAM)
+    prompts = [p for p in REPETITIVE + OTHERS if len(p) % engine.pool.block_size]  # next token: in the last block
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    engine.step()  # prefill: all running, each with a partly filled last block
+    hog = engine.pool.allocate(engine.pool.num_free)  # no free block left
+    running = list(engine.scheduler.running)
+    for seq in running:
+        seq.draft_token_ids = list(range(1, 17))  # 16 drafts: more than the last block's free slots
+    out = engine.scheduler.schedule()
+    assert out.preempted == () and list(engine.scheduler.running) == running
+    size = engine.pool.block_size
+    for chunk in out.chunks:
+        seq = chunk.seq
+        assert chunk.num_drafts == len(seq.draft_token_ids) == (-seq.num_tokens) % size  # what the last block holds
+    engine.pool.free(hog)
+
+
+def test_the_draft_model_catches_up_a_bounded_number_of_tokens_per_step(monkeypatch):
+    from freehold.engine import draft as draft_module
+    from freehold.engine.sequence import Sequence
+    dm = draft_engine(tiny_model(), tiny_model(1)).speculator.draft
+    seqs = [Sequence(str(i), 0, list(range(1, n + 1)), SamplingParams(max_tokens=4), arrival=i)
+            for i, n in enumerate((300, 200, 100, 50))]
+    monkeypatch.setattr(draft_module, "CATCH_UP_TOKENS", 400)
+    assert [s.request_id for s in dm.within_catch_up_budget(seqs)] == ["3", "2", "1"]  # 350 <= 400, least behind first
+    assert dm.within_catch_up_budget(seqs[:1]) == seqs[:1]  # one sequence past the budget alone still catches up
