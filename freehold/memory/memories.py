@@ -18,6 +18,7 @@ from pathlib import Path
 
 from freehold.errors import InvalidRequestError, NotFoundError
 from freehold.memory.context import Summary
+from freehold.memory.store import connect_wal
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS memories (id TEXT PRIMARY KEY, namespace TEXT NOT NULL, created_at INTEGER NOT NULL,
@@ -48,9 +49,7 @@ class MemoryStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn = connect_wal(self.path)
         self._lock = threading.Lock()
         with self._lock:
             self._conn.executescript(SCHEMA)

@@ -99,14 +99,34 @@ class NotStoredError(InvalidRequestError):
     """A response made with store=false: its id is known, its content was never kept (HTTP 400)."""
 
 
+BUSY_TIMEOUT_S = 30.0
+
+
+def connect_wal(path: Path) -> sqlite3.Connection:
+    """A connection to the SQLite file in WAL mode. Switching a new file to WAL needs a moment alone with it, and
+    SQLite reports "database is locked" at once (without its busy timeout) when another process or thread opens the
+    same new file then: retried until BUSY_TIMEOUT_S."""
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                conn.close()
+                raise
+            time.sleep(0.01)
+    conn.execute("PRAGMA synchronous=FULL")  # a committed turn survives power loss, not only kill -9
+    return conn
+
+
 class ConversationStore:
     def __init__(self, path: str | Path, limits: StoreLimits = StoreLimits()):
         self.path = Path(path)
         self.limits = limits
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")  # a committed turn survives power loss, not only kill -9
+        self._conn = connect_wal(self.path)
         self._lock = threading.Lock()
         with self._transaction() as conn:
             for statement in filter(str.strip, SCHEMA.split(";")):
