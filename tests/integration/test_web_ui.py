@@ -96,7 +96,8 @@ def send_and_wait(page: Page, text: str) -> Request:
 
 def wait_until_idle(page: Page) -> None:
     page.wait_for_selector("#stop", state="hidden")
-    page.wait_for_function("() => !document.body.classList.contains('streaming')")
+    page.wait_for_function("() => !document.body.classList.contains('streaming') && "
+                           "!document.body.classList.contains('syncing')")
 
 
 def stored_messages(page: Page) -> list[dict]:
@@ -181,6 +182,11 @@ def test_a_reply_streams_in_with_its_numbers_and_survives_a_reload(chat, server)
     assert (numbers.group(3) == "length") == (len(tokens) == 24)
     assert page.text_content("article.assistant .body").strip()
     assert stored_messages(page)[1]["content"].strip()
+    # kept on the server too: the chat's messages are the items of a server conversation
+    server_id = page.get_attribute("#conversations .open[aria-current]", "data-server-id")
+    items = httpx.get(f"{server.url}/v1/conversations/{server_id}/items", params={"order": "asc"}, timeout=30)
+    texts = [(i["role"], i["content"][0]["text"]) for i in items.json()["data"]]
+    assert texts == [(m["role"], m["content"]) for m in stored_messages(page)]
     page.reload()
     page.wait_for_selector("article.assistant")
     assert page.locator("article").count() == 2
@@ -273,6 +279,8 @@ def test_regenerate_edit_and_new_chat(chat):
     assert [m["role"] for m in send_and_wait(page, "Say more.").post_data_json["messages"]] == [
         "user", "assistant", "user"]
     assert page.locator("article").count() == 4
+    first_server_id = page.get_attribute("#conversations .open[aria-current]", "data-server-id")
+    assert first_server_id
     page.click("article.user >> nth=0 >> .actions >> text=Edit")  # the first message: the later turns go
     page.fill("article.user textarea", "Say goodbye.")
     with page.expect_request(CHAT_URL) as edited:
@@ -282,6 +290,7 @@ def test_regenerate_edit_and_new_chat(chat):
     assert page.locator("article").count() == 2
     assert [m["role"] for m in stored_messages(page)] == ["user", "assistant"]
     assert stored_messages(page)[0]["content"] == "Say goodbye."
+    assert page.get_attribute("#conversations .open[aria-current]", "data-server-id") != first_server_id  # new one
     page.click("#new-chat")
     assert page.locator("article").count() == 0
     assert page.locator("#conversations li").count() == 2

@@ -33,6 +33,14 @@ function headers(extra = {}) {
   return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
 }
 
+export async function postJson(path, body) {
+  const response = await fetch(path, {
+    method: 'POST', body: JSON.stringify(body), headers: headers({ 'Content-Type': 'application/json' }),
+  });
+  if (!response.ok) throw await apiError(response);
+  return response.json();
+}
+
 export async function getJson(path) {
   const response = await fetch(path, { headers: headers(), cache: 'no-store' });
   if (!response.ok) throw await apiError(response);

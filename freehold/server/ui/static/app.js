@@ -1,9 +1,10 @@
-// The chat page: conversations (kept in this browser), streaming replies rendered as sanitized Markdown, the
+// The chat page: conversations (kept in this browser, and on the server: sync.js), streaming replies rendered as sanitized Markdown, the
 // settings panel, per-message numbers (TTFT, tokens/s, prompt / cached / completion tokens), token alternatives.
 import { ApiError, apiKey, getJson, saveApiKey, streamChat, useApiKey } from './api.js';
 import { Gauge } from './gauge.js';
 import { renderMarkdown } from './markdown.js';
 import { SettingsError, chatRequest } from './request.js';
+import { mirror } from './sync.js';
 import {
   DEFAULT_SETTINGS, currentId, loadConversations, loadSettings, newConversation, saveConversations, saveSettings,
 } from './store.js';
@@ -75,6 +76,7 @@ function renderSidebar() {
     open.className = 'open';
     open.textContent = c.title;
     if (c.id === state.current) open.setAttribute('aria-current', 'true');
+    if (c.server) open.dataset.serverId = c.server.id; // kept on the server too (sync.js)
     open.addEventListener('click', () => openConversation(c.id));
     const remove = document.createElement('button');
     remove.type = 'button';
@@ -242,6 +244,13 @@ async function generate(body) {
   setStreaming(null);
   fillMessage(article, reply);
   save();
+  if (!reply.error) {
+    document.body.classList.add('syncing');
+    await mirror(chat);
+    save();
+    renderSidebar();
+    document.body.classList.remove('syncing');
+  }
 }
 
 function stats(started, first, ended, usage, numTokens) {
