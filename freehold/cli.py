@@ -73,11 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tokens per scored window; with --kv-policy: the KV window (tokens kept)")
     ppl.add_argument("--kv-policy", default=None,
                      help="stream the text under KV policies instead, comma-separated: full, sink, window "
-                          "(no sinks), recompute (sliding window re-computed, sampled every --chunk tokens)")
+                          "(no sinks), recompute (sliding window re-computed, like for like with sink)")
     ppl.add_argument("--sink-tokens", type=int, default=4, help="with --kv-policy sink (rounded up to blocks)")
-    ppl.add_argument("--tokens", type=int, default=8192, help="with --kv-policy: tokens of the text to stream")
+    ppl.add_argument("--tokens", default="8192",
+                     help="with --kv-policy: tokens of the text to stream; comma-separated checkpoints "
+                          "(e.g. 8192,32768,110000) report each length from one stream")
     ppl.add_argument("--chunk", type=int, default=64, help="with --kv-policy: tokens per prefill chunk")
+    ppl.add_argument("--recompute-every", type=int, default=1,
+                     help="with recompute: score one eviction step in N (the reference costs ~9x a stream)")
+    ppl.add_argument("--decode", action="store_true",
+                     help="with --kv-policy: also time decoding in sink mode at each checkpoint (a request whose prompt is "
+                          "the text up to there, generating 512 tokens)")
     ppl.add_argument("--plot", default=None, metavar="PNG", help="with --kv-policy: ppl against position")
+    ppl.add_argument("--out", type=Path, default=Path("bench-results"),
+                     help="with --kv-policy: folder for streaming_ppl.json and .md")
     _add_model_args(ppl)
     st = esub.add_parser("structured", help="JSON-schema-constrained generation: compile coverage, validity, cost")
     st.add_argument("--data", type=Path, required=True,
@@ -122,7 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     mm.add_argument("--turns", type=int, default=150, help="turns per conversation (a turn: message + reply)")
     mm.add_argument("--facts", type=int, default=5, help="facts planted early, asked about in the last turns")
     mm.add_argument("--budget", type=int, default=2048, help="prompt token budget per turn")
-    mm.add_argument("--policies", default="memory,truncate", help="comma-separated: memory, truncate")
+    mm.add_argument("--policies", default="memory,truncate",
+                    help="comma-separated: memory, truncate, sink (the whole conversation under the KV policy sink, "
+                         "its window the budget)")
+    mm.add_argument("--every-turn", action="store_true",
+                    help="with a model: run every turn's prompt through the engine (one token) to measure its "
+                         "cached_tokens share (slow: a prefill per turn)")
     mm.add_argument("--dense", action="store_true", help="recall with BM25 + all-MiniLM-L6-v2 (default: BM25 only)")
     mm.add_argument("--embedding-model", default=None, help="with --dense (default: all-MiniLM-L6-v2)")
     mm.add_argument("--no-model", action="store_true", help="recall and cost only: no answers, no accuracy")
@@ -191,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chart", type=Path, default=Path("sampling.png"))
     s.add_argument("--chat", action="store_true")
     _add_model_args(s)
+    at = isub.add_parser("attention", help="the share of attention each layer puts on the first tokens (sinks)")
+    text = at.add_mutually_exclusive_group()
+    text.add_argument("--prompt", default=None, help="default: the first 512 tokens of the pydoc text")
+    text.add_argument("--prompt-file", type=Path, default=None, help="read the prompt from this UTF-8 file")
+    at.add_argument("--sink-tokens", type=int, default=4, help="how many first tokens count as sinks (default 4)")
+    at.add_argument("--png", type=Path, default=None, help="also draw a layers x heads heatmap to this PNG")
+    _add_model_args(at)
     return parser
 
 

@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     return handlers[args.command](args)
 
 
-def load_llm(args: argparse.Namespace):
+def load_llm(args: argparse.Namespace, **engine_options):
+    """The LLM the command's model arguments describe; `engine_options` add EngineConfig fields."""
     from freehold.kv.planner import parse_size
     from freehold.llm import LLM
     t0 = time.perf_counter()
@@ -34,6 +35,7 @@ def load_llm(args: argparse.Namespace):
                    "num_speculative_tokens": args.num_speculative_tokens} if hasattr(args, "speculative") else {}
     if hasattr(args, "kv_policy"):
         speculative.update(kv_policy=KVPolicy(args.kv_policy), sink_tokens=args.sink_tokens, window=args.window)
+    speculative.update(engine_options)
     llm = LLM(args.model, dtype=DTYPES[args.dtype], device=args.device, weights=WeightMode(args.weights),
               kv_cache_memory=parse_size(args.kv_cache_memory), kv_dtype=KVDtype(args.kv_dtype), **speculative)
     print(f"{llm.describe()}\nloaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -111,12 +113,15 @@ def evaluate(args: argparse.Namespace) -> int:
     from freehold.tokenizer import Tokenizer
     if args.text is not None and not args.text.is_file():
         raise InvalidRequestError(f"text file not found: {args.text}")
+    if args.kv_policy:
+        from freehold.eval.streaming import parse_policies
+        parse_policies(args.kv_policy)  # a bad list is an error before the model loads
     text = args.text.read_text(encoding="utf-8") if args.text else default_text()
     loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, weights=WeightMode(args.weights))
     ids = Tokenizer.from_model_path(loaded.path).encode(text, add_special_tokens=False)
     config = EngineConfig(device=args.device, dtype=DTYPES[args.dtype], kv_dtype=KVDtype(args.kv_dtype))
     if args.kv_policy:
-        return _evaluate_streaming(args, loaded, ids[:args.tokens], config)
+        return _evaluate_streaming(args, loaded, ids, config)
     cache = create_kv_cache(loaded.config, config, num_blocks=-(-args.window // config.block_size))
     t0 = time.perf_counter()
     result = perplexity(loaded.model, ids, args.window, args.max_tokens, cache=cache,
@@ -128,18 +133,46 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_streaming(args: argparse.Namespace, loaded, ids: list[int], config: EngineConfig) -> int:
-    from freehold.eval.streaming import plot, stream_ppl
+    from freehold.bench.common import write_results
+    from freehold.eval.streaming import decode_speed, parse_checkpoints, parse_policies, plot, stream_ppl
     if args.plot:
         require_extra("matplotlib", "inspect", "freehold eval ppl --plot")
-    results = []
-    print(f"{'policy':<10} {'ppl':>9} {'scored':>7} {'KV bytes':>11} {'tok/s':>8}  ({len(ids)} tokens, sinks "
-          f"{args.sink_tokens}, window {args.window}, chunk {args.chunk})")
-    for policy in [p for p in args.kv_policy.split(",") if p]:
-        r = stream_ppl(loaded.model, loaded.config, config, ids, policy, args.sink_tokens, args.window, args.chunk)
-        results.append(r)
-        print(f"{r.policy:<10} {r.perplexity:>9.3f} {r.num_scored:>7} {r.kv_bytes:>11,} {r.tokens_per_second:>8.1f}")
+    checkpoints = parse_checkpoints(args.tokens, len(ids))
+    results = {}
+    for policy in parse_policies(args.kv_policy):
+        t0 = time.perf_counter()
+        results[policy] = stream_ppl(loaded.model, loaded.config, config, ids, policy, args.sink_tokens, args.window,
+                                     args.chunk, checkpoints, args.recompute_every)
+        print(f"{policy}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    decode = {}
+    if args.decode:
+        decode = {n: (rate, held) for n, rate, held in decode_speed(
+            loaded.model, loaded.config, config, ids, args.sink_tokens, args.window, checkpoints)}
+    reference = results.get("recompute")
+    full = results.get("full")
+    rows = []
+    for r in results.values():
+        for c in r.checkpoints:
+            vs_recompute = vs_full = "-"
+            mine = {p for p in r.positions if p < c.tokens}
+            if reference is not None and r is not reference:
+                shared = mine & set(reference.positions)
+                vs_recompute = round(r.perplexity_at(shared) / reference.perplexity_at(shared), 4)
+            if full is not None and r is not full and c.tokens <= full.positions[-1] + 1:  # full stops at the context
+                shared = mine & set(full.positions)
+                vs_full = round(r.perplexity_at(shared) / full.perplexity_at(shared), 4)
+            rows.append([r.policy, c.tokens, round(c.perplexity, 3), vs_recompute, vs_full, c.kv_bytes,
+                         round(c.tokens_per_second, 1)])
+    headers = ["policy", "tokens", "ppl", "ppl / recompute (same positions)", "ppl / full (same positions)",
+               "KV bytes held", "stream tok/s (segment)"]
+    for n, (rate, held) in decode.items():
+        rows.append(["sink decode", n, "-", "-", "-", held, round(rate, 1)])
+    extra = {"sink_tokens": args.sink_tokens, "window": args.window, "chunk": args.chunk,
+             "recompute_every": args.recompute_every, "text_tokens": len(ids), "kv_dtype": args.kv_dtype,
+             "weights": args.weights}
+    write_results("streaming_ppl", headers, rows, extra, args.out)
     if args.plot:
-        plot(results, args.plot)
+        plot(list(results.values()), args.plot)
         print(f"plot: {args.plot}")
     return 0
 
@@ -301,7 +334,8 @@ def evaluate_agent(args: argparse.Namespace) -> int:
 
 def evaluate_memory(args: argparse.Namespace) -> int:
     from freehold.bench.common import write_results
-    from freehold.eval.memory import HEADERS, make_conversation, num_tokens, parse_policies, run_policy
+    from freehold.eval.memory import HEADERS, make_conversation, num_tokens, parse_policies, run_policy, run_sink
+    from freehold.kv.sink import SinkWindow
     from freehold.memory.context import ContextBudget
     from freehold.models.locate import default_model_path
     from freehold.tokenizer import Tokenizer
@@ -310,35 +344,67 @@ def evaluate_memory(args: argparse.Namespace) -> int:
         policies = parse_policies(args.policies)
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None
-    llm = None if args.no_model else load_llm(args)
+    window = sink_window(args.budget) if "sink" in policies else None
+    llm = None if args.no_model else load_llm(args, **({"window": window} if window else {}))
     tokenizer = llm.tokenizer if llm is not None else Tokenizer.from_model_path(args.model or default_model_path())
     count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
     embed = None
     if args.dense:
         embedder = load_embedder(args)
         embed = lambda texts: embedder.embed(list(texts)).vectors  # noqa: E731
-    answer = None
-    if llm is not None:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-        answer = lambda messages: llm.chat(messages, params)[0].text  # noqa: E731
+
+    def answerer(kv_policy: KVPolicy | None):
+        def answer(messages: list[dict[str, str]], max_tokens: int) -> tuple[str, int, int]:
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, kv_policy=kv_policy)
+            generation = llm.chat(messages, params)[0]
+            return generation.text, generation.num_cached_tokens, len(generation.prompt_token_ids)
+        return answer if llm is not None else None
+
     conversations = [make_conversation(args.seed + i, args.turns, args.facts) for i in range(args.conversations)]
     sizes = [num_tokens(c, count) for c in conversations]
     print(f"{len(conversations)} conversations of {args.turns} turns, {min(sizes)}-{max(sizes)} tokens each; "
           f"budget {args.budget} tokens", file=sys.stderr)
     reports = []
     for policy in policies:
-        budget = ContextBudget(args.budget, policy)
         report = None
         for i, conversation in enumerate(conversations):
-            print(f"\r{policy.value}: conversation {i + 1}/{len(conversations)}", end="", file=sys.stderr)
-            report = run_policy(conversation, budget, count, embed, answer, report)
+            name = policy if policy == "sink" else policy.value
+            print(f"\r{name}: conversation {i + 1}/{len(conversations)}", end="", file=sys.stderr)
+            if policy == "sink":
+                render_ids = lambda messages: llm_prompt(tokenizer, messages)  # noqa: E731
+                sinks = SinkWindow.from_tokens(4, window, 16).num_sink_tokens
+                report = run_sink(conversation, window, count, ContextBudget(args.budget).message_overhead, render_ids,
+                                  tokenizer.decode, answerer(KVPolicy.SINK), report, args.max_tokens, sinks)
+            else:
+                report = run_policy(conversation, ContextBudget(args.budget, policy), count, embed,
+                                    answerer(None), report, args.max_tokens, args.every_turn)
         reports.append(report)
     print(file=sys.stderr)
     extra = {"turns": args.turns, "conversations": args.conversations, "facts": args.facts, "budget": args.budget,
              "dense": args.dense, "model": None if llm is None else llm.describe(), "conversation_tokens": sizes,
+             "sink_window": window, "every_turn": args.every_turn,
              "threads": torch.get_num_threads()}
     write_results("memory", HEADERS, [r.row() for r in reports], extra, args.out)
     return 0
+
+
+def sink_window(budget: int, sink_tokens: int = 4, block_size: int = 16) -> int:
+    """The largest window (whole blocks) whose sink sequences hold at most `budget` tokens (sinks + W + E)."""
+    from freehold.kv.sink import SinkWindow
+    window = budget - budget % block_size
+    while window >= block_size and SinkWindow.from_tokens(sink_tokens, window, block_size).max_cache_len > budget:
+        window -= block_size
+    if window < block_size:
+        least = SinkWindow.from_tokens(sink_tokens, block_size, block_size).max_cache_len
+        raise InvalidRequestError(f"--budget {budget} is too small for the sink policy: its sinks, one window block "
+                                  f"and one eviction step take {least} tokens")
+    return window
+
+
+def llm_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """A chat's prompt ids as LLM.chat renders them (no tools)."""
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                            add_special_tokens=False)
 
 
 def kv_plan(args: argparse.Namespace) -> int:
@@ -358,6 +424,8 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
+    if args.inspect_command == "attention":
+        return inspect_attention(args)
     from freehold.sampling.inspect import format_table, inspect_distribution, save_chart
     require_extra("matplotlib", "inspect", "freehold inspect sampling (it draws a chart)")
     llm = load_llm(args)
@@ -371,6 +439,37 @@ def inspect(args: argparse.Namespace) -> int:
                                    top_p=args.top_p, min_p=args.min_p, top_n=args.top_n)
     print(format_table(results))
     print(f"chart saved to {save_chart(results, args.chart)}")
+    return 0
+
+
+DEFAULT_ATTENTION_TOKENS = 512  # without --prompt: this many tokens from the start of the pydoc text
+
+
+def inspect_attention(args: argparse.Namespace) -> int:
+    from freehold.models.attention_map import format_table, measure_sink_attention, save_heatmap
+    if args.sink_tokens < 1:
+        raise InvalidRequestError(f"--sink-tokens must be at least 1, got {args.sink_tokens}")
+    if args.png is not None:
+        require_extra("matplotlib", "inspect", "freehold inspect attention --png (it draws a heatmap)")
+    if args.prompt_file is not None:
+        try:
+            text = args.prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FreeholdError(f"cannot read --prompt-file {args.prompt_file}: {exc}") from exc
+    else:
+        text = args.prompt
+    if text is not None and not text.strip():
+        raise InvalidRequestError("the prompt is empty: give --prompt TEXT or a --prompt-file with text in it")
+    llm = load_llm(args)
+    if text is None:
+        from freehold.eval.ppl import default_text
+        ids = llm.encode_prompt(default_text()[:8 * DEFAULT_ATTENTION_TOKENS])[:DEFAULT_ATTENTION_TOKENS]
+    else:
+        ids = llm.encode_prompt(text)
+    result = measure_sink_attention(llm.loaded.model, ids, args.sink_tokens)
+    print(format_table(result))
+    if args.png is not None:
+        print(f"heatmap saved to {save_heatmap(result, args.png)}")
     return 0
 
 

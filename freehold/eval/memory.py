@@ -7,14 +7,19 @@ freehold.memory.context, for each policy:
 
     memory    recent turns + passages recalled by freehold.memory.recall (BM25, plus dense with an embedder)
     truncate  the newest turns that fit (OpenAI's truncation "auto": the last N tokens)
+    sink      the whole conversation every turn under the KV policy "sink" (freehold.kv.sink) with the budget as
+              its window: the model attends to the first tokens and the last `budget` ones, the rest is evicted
+              as the prompt streams through (`run_sink`)
 
 Measured per policy: fact recall (the planted sentence is in the assembled prompt of the turn asking about it:
 model-independent), answer accuracy with a model (its answer holds the expected answer, lowercased with
 punctuation removed; skipped with --no-model), prompt tokens per turn (the budget's count), shared-prefix share
 (of each prompt's tokens, those in whole leading messages equal to the previous turn's prompt: what a prefix cache
-can reuse, at most), and assembly ms per turn (indexing the new turn, retrieval and the plan; the last 10 turns
-reported separately). No running summary is written here (that needs the model for every window move): recall
-comes from retrieval alone.
+can reuse, at most), the engine's cached-token share (with a model and `every_turn`: every turn's prompt runs through
+the engine, with prefix caching, and its `cached_tokens` over its prompt tokens are summed), and assembly ms per
+turn (indexing the new turn, retrieval and the plan; the last 10 turns reported separately). No running summary
+is written here (that needs the model for every window move): recall comes from retrieval alone. The sink row's
+cached share counts its question turns only (each streams the whole conversation; only its sink blocks can hit).
 """
 from __future__ import annotations
 
@@ -32,8 +37,10 @@ if TYPE_CHECKING:  # recall needs the retrieval extra: imported when a memory po
     from freehold.memory.recall import Embed
 
 INSTRUCTIONS = "You are a helpful assistant. Answer the user's question briefly, using the conversation."
-HEADERS = ["policy", "fact recall", "accuracy", "prompt tok/turn", "shared prefix", "assembly ms",
+HEADERS = ["policy", "fact recall", "accuracy", "prompt tok/turn", "shared prefix", "cached (engine)", "assembly ms",
            "assembly ms (last 10)", "questions"]
+# a model call: (messages, max_tokens) -> (text, cached prompt tokens, prompt tokens), as the engine counts them
+Answer = Callable[[list[dict[str, str]], int], tuple[str, int, int]]
 _FACTS = [
     ("the deploy key is stored in vault slot {n}", "In which vault slot is the deploy key stored?", "{n}"),
     ("the staging database password rotates every {n} days",
@@ -70,14 +77,23 @@ class PolicyReport:
     correct: list[bool] = field(default_factory=list)
     prompt_tokens: list[int] = field(default_factory=list)
     shared_tokens: list[int] = field(default_factory=list)
+    engine_cached: list[int] = field(default_factory=list)  # per model call: cached_tokens, prompt tokens
+    engine_prompt: list[int] = field(default_factory=list)
     assembly_ms: list[float] = field(default_factory=list)
     last_ms: list[float] = field(default_factory=list)
 
     def row(self) -> list:
         accuracy = sum(self.correct) / len(self.correct) if self.correct else "-"
+        cached = sum(self.engine_cached) / sum(self.engine_prompt) if self.engine_prompt else "-"
         return [self.policy, sum(self.recalled) / len(self.recalled), accuracy,
-                statistics.mean(self.prompt_tokens), sum(self.shared_tokens) / sum(self.prompt_tokens),
+                statistics.mean(self.prompt_tokens), sum(self.shared_tokens) / sum(self.prompt_tokens), cached,
                 statistics.mean(self.assembly_ms), statistics.mean(self.last_ms), len(self.recalled)]
+
+    def call(self, answer: Answer, messages: list[dict[str, str]], max_tokens: int) -> str:
+        text, cached, prompt = answer(messages, max_tokens)
+        self.engine_cached.append(cached)
+        self.engine_prompt.append(prompt)
+        return text
 
 
 def make_conversation(seed: int, num_turns: int, num_facts: int = 5, words_per_message: int = 100) -> Conversation:
@@ -100,10 +116,10 @@ def make_conversation(seed: int, num_turns: int, num_facts: int = 5, words_per_m
 
 
 def run_policy(conversation: Conversation, budget: ContextBudget, count: Counter, embed: Embed | None = None,
-               answer: Callable[[list[dict[str, str]]], str] | None = None,
-               report: PolicyReport | None = None) -> PolicyReport:
+               answer: Answer | None = None, report: PolicyReport | None = None, max_tokens: int = 24,
+               every_turn: bool = False) -> PolicyReport:
     """Assemble every turn of the conversation under `budget`; recall (and, with `answer`, accuracy) at the
-    question turns."""
+    question turns; with `every_turn`, every other turn's prompt runs through the model too (one token)."""
     count = lru_cache(maxsize=None)(count)
     report = report or PolicyReport(budget.policy.value)
     recall = None
@@ -131,9 +147,41 @@ def run_policy(conversation: Conversation, budget: ContextBudget, count: Counter
         if fact is not None:
             report.recalled.append(any(fact.statement in m["content"] for m in messages))
             if answer is not None:
-                report.correct.append(_normalized(fact.answer) in _normalized(answer(messages)))
+                report.correct.append(_normalized(fact.answer) in _normalized(report.call(answer, messages,
+                                                                                          max_tokens)))
+        elif answer is not None and every_turn:
+            report.call(answer, messages, 1)
         turn_messages = (Message(f"u{t}", "user", user), Message(f"a{t}", "assistant", reply))
         turns.append(HistoryTurn(turn_messages, sum(count(m.text) + budget.message_overhead for m in turn_messages)))
+    return report
+
+
+def run_sink(conversation: Conversation, window: int, count: Counter, overhead: int,
+             render_ids: Callable[[list[dict[str, str]]], list[int]], decode: Callable[[list[int]], str],
+             answer: Answer | None = None, report: PolicyReport | None = None, max_tokens: int = 24,
+             sink_tokens: int = 16) -> PolicyReport:
+    # sink_tokens: the sinks as the engine keeps them (whole blocks: SinkWindow.num_sink_tokens)
+    """Every turn's prompt is the whole conversation, streamed under the KV policy "sink" with `window` (`answer`
+    must run its requests that way). Recall: the planted sentence is within the last `window` tokens of the rendered
+    prompt (the window the question is read with, at its shortest; the sinks hold the template's first tokens).
+    Prompt tokens per turn: the whole conversation (what the engine must stream: only the sink blocks can come from
+    the prefix cache); shared prefix: the sinks."""
+    report = report or PolicyReport("sink")
+    history = [{"role": "system", "content": INSTRUCTIONS}]
+    for t, (user, reply) in enumerate(conversation.turns):
+        messages = history + [{"role": "user", "content": user}]
+        report.assembly_ms.append(0.0)  # nothing is assembled
+        if t >= len(conversation.turns) - 10:
+            report.last_ms.append(0.0)
+        report.prompt_tokens.append(sum(count(m["content"]) + overhead for m in messages))
+        report.shared_tokens.append(min(sink_tokens, report.prompt_tokens[-1]) if t else 0)
+        fact = conversation.questions.get(t)
+        if fact is not None:
+            report.recalled.append(fact.statement in decode(render_ids(messages)[-window:]))
+            if answer is not None:
+                report.correct.append(_normalized(fact.answer) in _normalized(report.call(answer, messages,
+                                                                                          max_tokens)))
+        history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
     return report
 
 
@@ -184,12 +232,13 @@ def _normalized(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s-]", " ", text.lower()).split())
 
 
-def parse_policies(text: str) -> list[Policy]:
+def parse_policies(text: str) -> list[Policy | str]:
+    """Context policies (freehold.memory.context) and "sink" (the KV policy, `run_sink`)."""
     try:
-        return [Policy(p.strip()) for p in text.split(",") if p.strip()]
+        return [p.strip() if p.strip() == "sink" else Policy(p.strip()) for p in text.split(",") if p.strip()]
     except ValueError:
-        raise ValueError(f"--policies must be a comma-separated list of {[p.value for p in Policy]}, got {text!r}") \
-            from None
+        raise ValueError(f"--policies must be a comma-separated list of {[p.value for p in Policy] + ['sink']}, "
+                         f"got {text!r}") from None
 
 
 def summarize(reports: Sequence[PolicyReport]) -> list[list]:

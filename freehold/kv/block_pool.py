@@ -52,6 +52,7 @@ class BlockPool:
         self.cached: dict[bytes, int] = {}  # chain digest -> block id
         self.num_queries = 0  # prefix-cache lookups, in tokens
         self.num_hits = 0  # tokens served from cache
+        self.peak_in_use = 0  # the most blocks referenced at once (for memory reports: freehold.eval.streaming)
 
     # -- public API ---------------------------------------------------------------------------------------
     @property
@@ -71,6 +72,7 @@ class BlockPool:
             self._forget(block)
             self.ref_counts[block] = 1
             blocks.append(block)
+        self.peak_in_use = max(self.peak_in_use, self.num_blocks - len(self.free_queue))
         return blocks
 
     def lookup(self, keys: Sequence[BlockKey]) -> list[int]:
@@ -91,6 +93,7 @@ class BlockPool:
             if self.ref_counts[block] == 0:
                 del self.free_queue[block]
             self.ref_counts[block] += 1
+        self.peak_in_use = max(self.peak_in_use, self.num_blocks - len(self.free_queue))
 
     def register(self, block: int, key: BlockKey) -> None:
         """Mark a just-filled full block as holding `key`'s tokens so later requests can reuse it."""

@@ -23,6 +23,11 @@ def test_chat_answers_paris(default_llm):
     gen = default_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                            SamplingParams(max_tokens=20, temperature=0))[0]
     assert "Paris" in gen.text and gen.completions[0].finish_reason is FinishReason.STOP
+    # `freehold eval memory` renders prompts (to see what a sink window keeps) as LLM.chat does
+    from freehold.commands import llm_prompt
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Capital of France?"}]
+    assert llm_prompt(default_llm.tokenizer, messages) == default_llm.chat_prompt(messages)
 
 
 def test_a_stop_string_at_the_final_flush_ends_as_stop_in_both_apis(default_llm, server):

@@ -83,3 +83,22 @@ def test_tiny_hf_models_match_transformers(tmp_path, kind):
         a = ours.compute_logits(ours(ids, torch.arange(200)))
         b = ref(ids[None]).logits[0]
     assert (a - b).abs().max().item() < 1e-4
+
+
+def test_attention_probabilities_match_transformers_eager_attentions(reference, default_llm):
+    """`freehold inspect attention`'s probabilities (post-RoPE q, k from a probe) against transformers' eager
+    attention weights (output_attentions=True), every layer and head, on the default model's weights."""
+    from freehold.eval.ppl import default_text
+    from freehold.models.attention_map import attention_probs_per_layer
+    ref, tok = reference
+    ids = tok(default_text()[:2000])["input_ids"][:96]
+    implementation = ref.config._attn_implementation
+    ref.set_attn_implementation("eager")  # the only implementation that returns the probabilities
+    try:
+        with torch.inference_mode():
+            theirs = ref(torch.tensor([ids]), output_attentions=True).attentions  # per layer [1, H, T, T]
+    finally:
+        ref.set_attn_implementation(implementation)
+    ours = attention_probs_per_layer(default_llm.loaded.model, ids)  # per layer [H, T, T]
+    assert len(ours) == len(theirs) == 30 and ours[0].shape == (9, 96, 96)
+    assert max((a - b[0]).abs().max().item() for a, b in zip(ours, theirs)) < 1e-4
