@@ -81,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", default=None, help="for the started server, e.g. 1G")
     parser.add_argument("--max-num-seqs", default=None, help="for the started server")
     parser.add_argument("--max-num-batched-tokens", default=None, help="for the started server")
+    parser.add_argument("--kv-dtype", default=None, choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                        help="for the started server (default: the server's, auto)")
     parser.add_argument("--quick", action="store_true",
                         help=f"small run: {QUICK['num_requests']} requests at {QUICK['concurrency']}, "
                              f"inputs {QUICK['input_len']}, outputs {QUICK['output_len']}")
@@ -304,7 +306,8 @@ def _start_server(args: argparse.Namespace) -> tuple[str, subprocess.Popen]:
     kv_cache_memory = args.kv_cache_memory or ("512M" if args.quick else None)
     for flag, value in (("--model", args.model), ("--kv-cache-memory", kv_cache_memory),
                         ("--max-num-seqs", args.max_num_seqs),
-                        ("--max-num-batched-tokens", args.max_num_batched_tokens), ("--api-key", args.api_key)):
+                        ("--max-num-batched-tokens", args.max_num_batched_tokens), ("--api-key", args.api_key),
+                        ("--kv-dtype", args.kv_dtype)):
         if value is not None:
             cmd += [flag, str(value)]
     process = subprocess.Popen(cmd)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from freehold.errors import InvalidRequestError, NotFoundError
 from freehold.memory.context import Summary
-from freehold.memory.store import connect_wal
+from freehold.sqlite_wal import connect_wal
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS memories (id TEXT PRIMARY KEY, namespace TEXT NOT NULL, created_at INTEGER NOT NULL,

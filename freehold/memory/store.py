@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
 from freehold.errors import InvalidRequestError, NotFoundError
+from freehold.sqlite_wal import connect_wal
 
 FILENAME = "conversations.sqlite"
 SCHEMA = """
@@ -97,28 +98,6 @@ class ConversationTooLargeError(InvalidRequestError):
 
 class NotStoredError(InvalidRequestError):
     """A response made with store=false: its id is known, its content was never kept (HTTP 400)."""
-
-
-BUSY_TIMEOUT_S = 30.0
-
-
-def connect_wal(path: Path) -> sqlite3.Connection:
-    """A connection to the SQLite file in WAL mode. Switching a new file to WAL needs a moment alone with it, and
-    SQLite reports "database is locked" at once (without its busy timeout) when another process or thread opens the
-    same new file then: retried until BUSY_TIMEOUT_S."""
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-    deadline = time.monotonic() + BUSY_TIMEOUT_S
-    while True:
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            break
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                conn.close()
-                raise
-            time.sleep(0.01)
-    conn.execute("PRAGMA synchronous=FULL")  # a committed turn survives power loss, not only kill -9
-    return conn
 
 
 class ConversationStore:

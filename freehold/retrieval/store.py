@@ -35,6 +35,7 @@ from freehold.retrieval.filters import Filter, check_known_keys, parse_filter
 from freehold.retrieval.fusion import reciprocal_rank_fusion
 from freehold.retrieval.records import (FileCounts, FileInput, FileRecord, FileStatus, SearchHit, SearchMode,
                                         SearchResult, StoreNotFoundError)
+from freehold.sqlite_wal import connect_wal
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -298,9 +299,7 @@ class VectorStore:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.directory / "store.sqlite", timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")  # a committed ingest survives power loss, not only kill -9
+            conn = connect_wal(self.directory / "store.sqlite")  # a committed ingest survives power loss
             self._local.conn = conn
         return conn
 

@@ -7,7 +7,6 @@ removed on the next open) or a complete upload. Deleting removes the row first, 
 from __future__ import annotations
 
 import os
-import sqlite3
 import threading
 import time
 import uuid
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from freehold.errors import InvalidRequestError
 from freehold.retrieval.records import StoreNotFoundError
+from freehold.sqlite_wal import connect_wal
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS uploads (
     id TEXT PRIMARY KEY, filename TEXT NOT NULL, bytes INTEGER NOT NULL, purpose TEXT NOT NULL,
@@ -38,8 +38,7 @@ class UploadStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         for stray in self.dir.glob("*.tmp"):  # an upload interrupted before its row was written
             stray.unlink(missing_ok=True)
-        self._conn = sqlite3.connect(self.dir / "uploads.sqlite", check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn = connect_wal(self.dir / "uploads.sqlite")
         self._conn.execute(_SCHEMA)
         self._lock = threading.Lock()
 

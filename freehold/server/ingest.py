@@ -14,7 +14,6 @@ import asyncio
 import json
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from freehold.retrieval.records import FileCounts, FileInput, FileRecord, FileSt
 from freehold.retrieval.store import Embedding
 from freehold.retrieval.uploads import UploadStore
 from freehold.server.errors import APIError
+from freehold.sqlite_wal import connect_wal
 
 T = TypeVar("T")
 log = logging.getLogger("freehold.server")
@@ -41,8 +41,7 @@ class IngestQueue:
     `in_progress` is ingested after a crash too (or, if its ingest had begun, the store marks it failed)."""
 
     def __init__(self, path: Path):
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn = connect_wal(path)
         self._conn.execute("CREATE TABLE IF NOT EXISTS queue (store_id TEXT, file_id TEXT, record TEXT, "
                            "PRIMARY KEY (store_id, file_id))")
         self._lock = threading.Lock()

@@ -136,3 +136,16 @@ def keyed_server() -> Iterator[ServerProcess]:
                      "--max-waiting", "1", "--strict-api", "--window", "512", api_key=API_KEY)
     yield s
     stop_server(s)
+
+
+@pytest.fixture(scope="session")
+def reference(default_model_file):
+    """transformers' model and tokenizer on the default model's GGUF weights, fp32: the reference for numbers
+    (loaded once: the parity and perplexity tests share it)."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = default_model_file
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model.eval(), tok

@@ -8,15 +8,6 @@ from freehold.types import SamplingParams
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def reference(default_model_file):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = default_model_file
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model.eval(), tok
-
-
 def test_default_model_logits_match_transformers(reference, default_llm):
     from freehold.eval.ppl import default_text
     ref, tok = reference

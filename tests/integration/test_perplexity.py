@@ -8,12 +8,10 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-NUM_TOKENS = 2048  # two 1,024-token windows: `freehold eval ppl`'s full 32,768 is a benchmark, not a test
+NUM_TOKENS = 1024  # one window (1,023 predictions): `freehold eval ppl`'s full 32,768 is a benchmark, not a test
 
 
-def test_eval_ppl_matches_transformers(default_model_file):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def test_eval_ppl_matches_transformers(reference):
     from freehold.eval.ppl import default_text
     run = subprocess.run([sys.executable, "-m", "freehold.cli", "eval", "ppl", "--max-tokens", str(NUM_TOKENS),
                           "--weights", "fp32"],
@@ -22,9 +20,7 @@ def test_eval_ppl_matches_transformers(default_model_file):
     predicted = NUM_TOKENS - NUM_TOKENS // 1024
     ours = float(re.search(rf"perplexity ([0-9.]+) \(.*\) over {predicted} predicted tokens", run.stdout).group(1))
 
-    path = default_model_file
-    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    ref, tok = reference  # transformers on the same GGUF weights (tests/integration/conftest.py)
     ids = tok(default_text(), add_special_tokens=False)["input_ids"][:NUM_TOKENS]
     total = 0.0
     with torch.inference_mode():

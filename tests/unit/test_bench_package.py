@@ -90,3 +90,28 @@ def test_a_missing_matplotlib_is_named_before_the_server_starts(monkeypatch, cap
     assert main(["bench", "serve", "--sweep", "1,4", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "matplotlib" in err and "pip install 'freehold[inspect]'" in err
+
+
+def test_the_started_server_gets_the_kv_dtype(monkeypatch):
+    import argparse
+
+    import pytest
+
+    from freehold.bench import serve
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    commands = []
+
+    class Started(Exception):
+        pass
+
+    def popen(cmd):
+        commands.append(cmd)
+        raise Started
+    monkeypatch.setattr(serve.subprocess, "Popen", popen)
+    with pytest.raises(Started):
+        serve._start_server(parser.parse_args(["--kv-dtype", "bf16", "--max-num-seqs", "8"]))
+    assert " --kv-dtype bf16" in " ".join(commands[0]) and " --max-num-seqs 8" in " ".join(commands[0])
+    with pytest.raises(Started):
+        serve._start_server(parser.parse_args([]))
+    assert "--kv-dtype" not in commands[1]

@@ -6,7 +6,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "freehold"
 
 # Lowest first. A package imports only from lower layers (and itself); the one exception is named below.
 LAYERS = [
-    {"errors", "kernels"},
+    {"errors", "kernels", "sqlite_wal"},
     {"config", "tokenizer"},
     {"constrain", "layers"},
     {"types", "tools"},

@@ -1,0 +1,31 @@
+"""SQLite files in WAL mode, opened safely by several threads or processes at once (every durable store uses this).
+
+Switching a new file to WAL needs a moment alone with it, and SQLite answers "database is locked" at once (without
+its busy timeout) when another connection opens the same new file then: `connect_wal` retries the switch until
+BUSY_TIMEOUT_S, and its connections wait that long for a lock before failing a statement.
+"""
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+BUSY_TIMEOUT_S = 30.0
+
+
+def connect_wal(path: str | Path) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), usable from any thread, in WAL mode with
+    synchronous=FULL: a committed transaction survives power loss, not only kill -9."""
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                conn.close()
+                raise
+            time.sleep(0.01)
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
