@@ -116,6 +116,11 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.kv_policy:
         from freehold.eval.streaming import parse_policies
         parse_policies(args.kv_policy)  # a bad list is an error before the model loads
+    else:
+        stray = [flag for flag, used in (("--decode", args.decode), ("--plot", args.plot),
+                                         ("--recompute-every", args.recompute_every != 1)) if used]
+        if stray:
+            raise InvalidRequestError(f"{', '.join(stray)} only apply with --kv-policy")
     text = args.text.read_text(encoding="utf-8") if args.text else default_text()
     loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, weights=WeightMode(args.weights))
     ids = Tokenizer.from_model_path(loaded.path).encode(text, add_special_tokens=False)

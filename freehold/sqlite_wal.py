@@ -15,7 +15,8 @@ BUSY_TIMEOUT_S = 30.0
 
 def connect_wal(path: str | Path) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), usable from any thread, in WAL mode with
-    synchronous=FULL: a committed transaction survives power loss, not only kill -9."""
+    synchronous=FULL (SQLite syncs the WAL to disk at every commit, so a commit is durable beyond a killed process;
+    the tests check kill -9, not power loss)."""
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
     deadline = time.monotonic() + BUSY_TIMEOUT_S
     while True:

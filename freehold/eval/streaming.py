@@ -131,6 +131,10 @@ def _recompute(model: LlamaForCausalLM, model_config: ModelConfig, token_ids: li
     """KV bytes: one forward's S + W + E tokens at the cache's element size (what a cache of that window holds)."""
     if every < 1:
         raise InvalidRequestError(f"recompute sampling must be >= 1 (one stride in N), got {every}")
+    if kept.max_cache_len > model_config.max_position_embeddings:  # the same bound the engine puts on "sink"
+        raise InvalidRequestError(f"recompute: sinks {kept.num_sink_tokens} + window {kept.window_tokens} + eviction "
+                                  f"step {kept.evict_tokens} = {kept.max_cache_len} tokens per forward, beyond the "
+                                  f"context length of {model_config.max_position_embeddings}", param="window")
     device = next(model.parameters()).device
     context, step, n = kept.num_sink_tokens + kept.window_tokens, kept.evict_tokens, len(token_ids)
     first = min(context + step + 1, n)  # tokens 1..p_0 see every token before them

@@ -299,7 +299,7 @@ class VectorStore:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = connect_wal(self.directory / "store.sqlite")  # a committed ingest survives power loss
+            conn = connect_wal(self.directory / "store.sqlite")  # WAL, synchronous FULL
             self._local.conn = conn
         return conn
 

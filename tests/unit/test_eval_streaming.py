@@ -92,6 +92,8 @@ def test_bad_arguments_name_the_problem(model, ids):
         stream_ppl(model, TINY, EngineConfig(), ids, "lru", SINKS, WINDOW, CHUNK)
     with pytest.raises(InvalidRequestError, match="one stride in N"):
         stream_ppl(model, TINY, EngineConfig(), ids, "recompute", SINKS, WINDOW, CHUNK, every=0)
+    with pytest.raises(InvalidRequestError, match="beyond the context length of 1024"):
+        stream_ppl(model, TINY, EngineConfig(), ids, "recompute", SINKS, 2048, CHUNK)
     with pytest.raises(InvalidRequestError, match="--tokens"):
         parse_checkpoints("8k", 100)
     assert parse_checkpoints("8192,50,32768", 1000) == [50, 1000]
@@ -101,3 +103,9 @@ def test_recompute_holds_one_window_at_the_cache_element_size(model, ids):
     kept = SinkWindow.from_tokens(SINKS, WINDOW, 16)
     r = stream_ppl(model, TINY, EngineConfig(kv_dtype=KVDtype.BF16), ids, "recompute", SINKS, WINDOW, CHUNK, [400])
     assert r.checkpoints[0].kv_bytes == kept.max_cache_len * TINY.kv_bytes_per_token(torch.bfloat16)
+
+
+def test_streaming_flags_without_a_kv_policy_are_named(capsys):
+    from freehold.cli import main
+    assert main(["eval", "ppl", "--decode", "--recompute-every", "4"]) == 2
+    assert "--decode, --recompute-every only apply with --kv-policy" in capsys.readouterr().err
