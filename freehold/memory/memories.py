@@ -126,6 +126,9 @@ class MemoryStore:
             self._conn.close()
 
 
+DEFAULT_NAMESPACE = "default"  # where /v1/memories puts a memory given none, and what a turn recalls by default
+
+
 def check_namespace(namespace: str) -> None:
     if not namespace or len(namespace) > MAX_NAMESPACE_CHARS:
         raise InvalidRequestError(f"namespace must be 1 to {MAX_NAMESPACE_CHARS} characters, got {namespace!r}",

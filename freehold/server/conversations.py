@@ -249,13 +249,13 @@ def _new_items(request: Request, items: list[Any], history: list[dict[str, Any]]
 def _checked_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
     pairs, key_chars, value_chars = MAX_METADATA
     metadata = metadata or {}
+    check_unicode([("metadata", metadata)])  # first: an error naming a key must be able to print it
     if len(metadata) > pairs:
         raise InvalidRequestError(f"metadata holds at most {pairs} pairs, got {len(metadata)}", param="metadata")
     for key, value in metadata.items():
         if len(key) > key_chars or len(value) > value_chars:
             raise InvalidRequestError(f"metadata keys hold at most {key_chars} characters and values {value_chars}: "
                                       f"{key[:80]!r} is over", param=f"metadata.{key[:80]}")
-    check_unicode([("metadata", metadata)])
     return metadata
 
 

@@ -14,12 +14,11 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from freehold.memory.memories import Memory, check_namespace
+from freehold.memory.memories import DEFAULT_NAMESPACE, Memory, check_namespace
 from freehold.server.conversations import conversations_of
 from freehold.server.responses_input import check_unicode
 
 router = APIRouter()
-DEFAULT_NAMESPACE = "default"
 
 
 class CreateMemoryRequest(BaseModel):

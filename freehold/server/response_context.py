@@ -34,7 +34,7 @@ from freehold.errors import InvalidRequestError
 from freehold.memory.context import (SUMMARY_HEADER, Assembly, ContextBudget, ContextTooLargeError, HistoryTurn,
                                      Message, Policy, Summary, assemble, cut_to_tokens, split_turns, unsummarized)
 from freehold.memory.items import message_text
-from freehold.memory.memories import MemoryStore, check_namespace
+from freehold.memory.memories import DEFAULT_NAMESPACE, MemoryStore, check_namespace
 from freehold.server.responses_input import input_messages, stored_parts
 from freehold.server.responses_protocol import (ContextReport, IncludedItem, RecalledPassage, ResponsesRequest,
                                                 TypedParts)
@@ -49,7 +49,6 @@ SUMMARY_TOKENS = 192  # the most a summary is generated in (less when the budget
 MIN_SUMMARY_TOKENS = 24  # a share smaller than this writes no summary
 MAX_SUMMARIES = 1  # summaries generating at once, over all conversations
 TEMPLATE_SLACK = 64  # the summary prompt's template tokens, not counted message by message
-DEFAULT_NAMESPACE = "default"
 _NO_PARTS = TypedParts.model_validate({"input": [], "tools": []})
 SUMMARY_PROMPT = ("Update the summary of a conversation. Keep every fact, name, number and decision; drop "
                   "small talk. Answer with the new summary only, in at most {words} words.")

@@ -245,8 +245,11 @@ def _check_unicode(body: ResponsesRequest) -> None:
     """Every string of the request that reaches the template, the tokenizer or the grammar compiler is valid
     Unicode (`check_unicode`)."""
     fmt = body.text.format if body.text is not None else None
+    context = body.freehold.context if body.freehold is not None else None
     check_unicode([("instructions", body.instructions), ("input", body.input), ("tools", body.tools),
-                   ("text.format.schema", fmt.schema_ if fmt else None)])
+                   ("text.format.schema", fmt.schema_ if fmt else None),
+                   ("previous_response_id", body.previous_response_id), ("conversation", body.conversation),
+                   ("freehold.context.namespace", context.namespace if context is not None else None)])
 
 
 async def _tools(serving: Serving, parts: TypedParts, recorder: SearchRecorder | None) -> list[FunctionTool]:

@@ -264,6 +264,9 @@ BAD = [({}, "input"),
        ({"input": [_call("{}", name="\ud800"), _OUTPUT]}, "input[0].name"),
        ({"input": [_call(json.dumps({"a": "\ud800"})), _OUTPUT]}, "input[0].arguments"),  # an escape in the JSON text
        ({"input": [_call("{}"), {**_OUTPUT, "output": "\ud800"}]}, "input[1].output"),
+       ({"input": "x", "previous_response_id": "resp_\ud800"}, "previous_response_id"),  # ids bound into SQLite
+       ({"input": "x", "conversation": "conv_\ud800"}, "conversation"),
+       ({"input": "x", "freehold": {"context": {"namespace": "\ud800"}}}, "freehold.context.namespace"),
        ({"input": "x", "text": {"format": {"type": "json_schema", "name": "s", "schema": {
            "type": "object", "properties": {"a": {"enum": ["\ud800"]}}}}}}, "text.format.schema.properties.a.enum[0]")]
 

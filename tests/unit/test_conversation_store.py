@@ -161,6 +161,7 @@ def test_conversations_api_create_list_add_get_delete(api):
     ({"items": [{"role": "user", "content": "x"}] * 21}, "items"),
     ({"items": [{"role": "user", "content": "\ud800"}]}, "items[0].content"),
     ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+    ({"metadata": {"\ud800": "x" * 513}}, "metadata"),  # an over-long pair whose key cannot be printed
     ({"items": [{"id": "msg_1", "role": "user", "content": "a"}, {"id": "msg_1", "role": "user", "content": "b"}]},
      "items[1].id"),
 ])
