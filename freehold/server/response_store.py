@@ -12,8 +12,8 @@ and the stored responses' routes: GET / DELETE /v1/responses/{id}, GET /v1/respo
 A stored response is committed when its run finishes, whatever its status (completed, incomplete, failed), in one
 transaction with its input and output items (and the conversation's new items). A run that does not finish (the
 client left, the server stopped or was killed) leaves no item and no response (the context plan's state, written
-when the turn is planned, stays: a conversation's recent-window anchor may have moved). Of a response made with store=false only the id is
-kept, so that continuing it is a 400 saying so rather than a 404. A commit under way when the client leaves still
+when the turn is planned, stays: a conversation's recent-window anchor may have moved). Of a response made with
+store=false only the id is kept, so that continuing it is a 400 saying so rather than a 404. A commit under way when the client leaves still
 finishes, and the conversation's lock is released only after it. An input item whose id the response already
 continues (an earlier output item sent back), or one id twice in the input, is a 400 naming `input[i].id` before
 the model runs. Context that does not fit is a 400
