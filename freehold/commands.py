@@ -309,6 +309,8 @@ def evaluate_agent(args: argparse.Namespace) -> int:
         modes = parse_choices(args.modes, Mode, "--modes")
         limits = Limits(max_steps=args.max_steps, max_tool_calls=2 * args.max_steps, max_turn_tokens=args.max_tokens,
                         max_seconds=args.max_seconds, tool_timeout=args.tool_timeout)
+        if args.retries_after_error < 0:
+            raise ValueError(f"--retries-after-error must be at least 0, got {args.retries_after_error}")
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None
     tasks = select(all_tasks(hang_seconds=max(HANG_SECONDS, 3 * args.tool_timeout)), categories, args.limit)
@@ -325,10 +327,12 @@ def evaluate_agent(args: argparse.Namespace) -> int:
         def progress(i: int, n: int, outcome) -> None:
             print(f"\r{i}/{n} {outcome.task_id} {outcome.mode.value}: {outcome.stop_reason}".ljust(60), end="",
                   file=sys.stderr)
-        outcomes = evaluate(llm, tasks, modes, resources, limits, args.trace, progress, args.tool_choice)
+        outcomes = evaluate(llm, tasks, modes, resources, limits, args.trace, progress, args.tool_choice,
+                            args.retries_after_error)
     print(file=sys.stderr)
     targets = check_targets(outcomes)
     extra = {"model": llm.loaded.config.name, "limits": limits.as_dict(), "tool_choice": args.tool_choice,
+             "retries_after_error": args.retries_after_error,
              "store_build": build, "seconds": time.perf_counter() - t0,
              "targets": [dataclasses.asdict(t) for t in targets], "runs": [o.as_dict() for o in outcomes]}
     write_results("agent", HEADERS, [s.row() for s in summarize(outcomes)], extra, args.out)
@@ -501,6 +505,8 @@ def agent(args: argparse.Namespace) -> int:
         limits = Limits(max_steps=args.max_steps, max_tool_calls=args.max_tool_calls,
                         max_total_tokens=args.max_total_tokens, max_turn_tokens=args.max_tokens,
                         max_seconds=args.max_seconds, tool_timeout=args.tool_timeout)
+        if args.retries_after_error < 0:
+            raise ValueError(f"--retries-after-error must be at least 0, got {args.retries_after_error}")
         tools = agent_tools(args)
     except ValueError as exc:
         raise FreeholdError(str(exc)) from None
@@ -510,7 +516,8 @@ def agent(args: argparse.Namespace) -> int:
         model = RemoteModel(args.base_url, args.served_model, args.api_key or os.environ.get("OPENAI_API_KEY"))
     else:
         model = load_llm(args)
-    runner = Agent(model, tools, instructions=args.instructions, limits=limits, tool_choice=args.tool_choice)
+    runner = Agent(model, tools, instructions=args.instructions, limits=limits, tool_choice=args.tool_choice,
+                   retries_after_error=args.retries_after_error)
     result = runner.run(args.task, trace=args.trace,
                         on_event=lambda e: [print(line, flush=True) for line in render_event(e)])
     return 0 if result.stop_reason is StopReason.ANSWER else 1

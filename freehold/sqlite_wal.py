@@ -2,13 +2,16 @@
 
 Switching a new file to WAL needs a moment alone with it, and SQLite answers "database is locked" at once (without
 its busy timeout) when another connection opens the same new file then: `connect_wal` retries the switch until
-BUSY_TIMEOUT_S, and its connections wait that long for a lock before failing a statement.
+BUSY_TIMEOUT_S, and its connections wait that long for a lock before failing a statement. `transaction` is the one
+way the stores write.
 """
 from __future__ import annotations
 
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 BUSY_TIMEOUT_S = 30.0
 
@@ -30,3 +33,18 @@ def connect_wal(path: str | Path) -> sqlite3.Connection:
             time.sleep(0.01)
     conn.execute("PRAGMA synchronous=FULL")
     return conn
+
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE (the write lock at once, so a transaction never fails half-way for a lock) ... COMMIT; any
+    exception rolls it back, a failed COMMIT too (it leaves the transaction open; SQLite ends some failures itself)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise

@@ -32,6 +32,11 @@ from freehold.agent.trace import TraceWriter
 from freehold.tools.parse import ArgumentsDelta, CallStart, ContentDelta
 
 
+# A repeated call's message repeats a result up to this long (a small model tends to answer with the last tool
+# message, so a pointer there costs it the answer); a longer one (search passages) is said once.
+REPEAT_RESULT_CHARS = 256
+
+
 @dataclass
 class RunResult:
     stop_reason: StopReason
@@ -48,9 +53,14 @@ class RunResult:
 class Agent:
     def __init__(self, model: Any, tools: Sequence[Callable[..., Any] | FunctionTool] = (), *,
                  instructions: str | None = None, limits: Limits = Limits(), api_key: str | None = None,
-                 tool_choice: str | dict[str, Any] = "auto", parallel_tool_calls: bool = True):
+                 tool_choice: str | dict[str, Any] = "auto", parallel_tool_calls: bool = True,
+                 retries_after_error: int = 0):
         """`tool_choice` (OpenAI's: "auto", "none", "required" or a named function) applies to the first turn; later
-        turns are "auto" (or "none"), so a forced call cannot force calls for ever."""
+        turns are "auto" (or "none"), so a forced call cannot force calls for ever.
+
+        `retries_after_error`: how many times in a run a turn that follows a failed call must call a tool again (the
+        failed tool when one tool failed, any tool otherwise), with the error in view. A small model tends to answer
+        an error by repeating it; this makes it retry. The retries count against every limit (max_repeats too)."""
         self.model: ChatModel = _chat_model(model, api_key)
         self.tools = {t.name: t for t in map(as_tool, tools)}
         if len(self.tools) != len(tools):
@@ -59,6 +69,9 @@ class Agent:
         self.limits = limits
         self.tool_choice = tool_choice
         self.parallel_tool_calls = parallel_tool_calls
+        if retries_after_error < 0:
+            raise ValueError(f"retries_after_error must be at least 0, got {retries_after_error}")
+        self.retries_after_error = retries_after_error
 
     def run(self, task: str | list[dict[str, Any]], *, trace: str | Path | None = None,
             on_event: Callable[[Event], None] | None = None) -> RunResult:
@@ -115,6 +128,9 @@ class _Run:
         self.stop_reason, self.answer, self.detail, self.done = StopReason.ERROR, None, "", False
         self.client_calls: list[CallRecord] = []
         self.traced: list[Event] = []
+        self.retries_left = agent.retries_after_error
+        self.failed_tools: list[str] = []  # the tools whose calls failed in the last turn (existing tools only)
+        self.last_turn_failed = False
 
     def now(self) -> float:
         return time.monotonic() - self.start
@@ -171,7 +187,7 @@ class _Run:
     async def _turn(self) -> AsyncIterator[Event | TurnResult]:
         """The turn's deltas as events, then its TurnResult (nothing on an error or timeout: the run stops)."""
         started = time.monotonic()
-        choice = self.agent.tool_choice if self.steps == 1 or self.agent.tool_choice == "none" else "auto"
+        choice = self._tool_choice()
         stream = self.agent.model.turn(self.messages, [t.as_openai() for t in self.agent.tools.values()],
                                        max_tokens=self._turn_tokens(), tool_choice=choice,  # type: ignore[arg-type]
                                        parallel_tool_calls=self.agent.parallel_tool_calls)
@@ -198,6 +214,17 @@ class _Run:
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 
+    def _tool_choice(self) -> str | dict[str, Any]:
+        """The first turn's is the agent's; later turns are "auto", or a forced retry after a failed call."""
+        if self.steps == 1 or self.agent.tool_choice == "none":
+            return self.agent.tool_choice
+        if self.last_turn_failed and self.retries_left > 0 and self.agent.tools:
+            self.retries_left -= 1
+            if len(set(self.failed_tools)) == 1:
+                return {"type": "function", "function": {"name": self.failed_tools[0]}}
+            return "required"
+        return "auto"
+
     def _delta(self, item: ContentDelta | CallStart | ArgumentsDelta) -> Event:
         if isinstance(item, ContentDelta):
             return TextDelta(self.now(), self.steps, item.text)
@@ -219,7 +246,8 @@ class _Run:
 
     # -- tool calls ---------------------------------------------------------------------------------------------
     async def _run_calls(self, calls: list[CallRecord]) -> AsyncIterator[Event]:
-        """Run the turn's calls concurrently (the same call twice runs once), each within max_tool_calls and
+        """Run the turn's calls concurrently (the same call twice runs once; a result longer than REPEAT_RESULT_CHARS
+        is in the prompt once, the copies' messages pointing to the first), each within max_tool_calls and
         max_repeats; a call past a limit is answered "not run" and the run then stops. Every call of the loop's
         own gets its `tool` message, in the order asked; client calls are handed back."""
         mine = [c for c in calls if not self._is_client_call(c)]
@@ -227,12 +255,20 @@ class _Run:
         runnable, refused = self._admit_calls(_unique_calls(mine))
         self.num_tool_calls += len(runnable)
         done = dict(zip(runnable, await asyncio.gather(*(self._execute(c) for c in runnable.values()))))
-        for call in mine:  # a repeated call gets the result of its first copy
+        failed = [r for r in done.values() if not r.ok]
+        self.last_turn_failed = bool(failed)
+        self.failed_tools = [r.name for r in failed if r.name in self.agent.tools]
+        answered: dict[str, str] = {}  # key -> the id of the call of this turn whose message holds the result
+        for call in mine:  # a repeated call gets the result of its first copy, said once in the prompt
             key = _call_key(call)
             result = done.get(key) or ToolResult(self.now(), self.steps, call.id, call.name, call.arguments, False,
                                                  refused[key][1], refused[key][0], 0.0)
             result = dataclasses.replace(result, call_id=call.id, arguments=call.arguments)
-            self.messages.append({"role": "tool", "tool_call_id": result.call_id, "content": result.output})
+            content = result.output
+            if key in answered and len(content) > REPEAT_RESULT_CHARS:
+                content = f"(the same call as {answered[key]}: see its result)"
+            answered.setdefault(key, call.id)
+            self.messages.append({"role": "tool", "tool_call_id": result.call_id, "content": content})
             yield result
 
     def _admit_calls(self, unique: dict[str, CallRecord]) -> tuple[dict[str, CallRecord], dict[str, tuple[str, str]]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from freehold.errors import InvalidRequestError, NotFoundError
 from freehold.memory.context import Summary
-from freehold.sqlite_wal import connect_wal
+from freehold.sqlite_wal import connect_wal, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS memories (id TEXT PRIMARY KEY, namespace TEXT NOT NULL, created_at INTEGER NOT NULL,
@@ -61,21 +61,12 @@ class MemoryStore:
             raise InvalidRequestError(f"a memory's text must be 1 to {MAX_MEMORY_CHARS} characters, got {len(text)}",
                                       param="text")
         memory = Memory(f"mem_{uuid.uuid4().hex}", namespace, int(time.time()), text)
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                (num,) = self._conn.execute("SELECT COUNT(*) FROM memories WHERE namespace = ?",
-                                            (namespace,)).fetchone()
-                if num >= MAX_MEMORIES:
-                    raise InvalidRequestError(f"the namespace {namespace!r} already holds {MAX_MEMORIES} memories, "
-                                              "Freehold's limit: delete some first", param="namespace")
-                self._conn.execute("INSERT INTO memories VALUES (?, ?, ?, ?)",
-                                   (memory.id, namespace, memory.created_at, text))
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:  # a failed COMMIT leaves it open; SQLite ends some failures itself
-                    self._conn.execute("ROLLBACK")
-                raise
+        with self._lock, transaction(self._conn) as conn:
+            (num,) = conn.execute("SELECT COUNT(*) FROM memories WHERE namespace = ?", (namespace,)).fetchone()
+            if num >= MAX_MEMORIES:
+                raise InvalidRequestError(f"the namespace {namespace!r} already holds {MAX_MEMORIES} memories, "
+                                          "Freehold's limit: delete some first", param="namespace")
+            conn.execute("INSERT INTO memories VALUES (?, ?, ?, ?)", (memory.id, namespace, memory.created_at, text))
         return memory
 
     def list(self, namespace: str) -> list[Memory]:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
 from freehold.errors import InvalidRequestError, NotFoundError
-from freehold.sqlite_wal import connect_wal
+from freehold.sqlite_wal import connect_wal, transaction
 
 FILENAME = "conversations.sqlite"
 SCHEMA = """
@@ -246,11 +246,17 @@ class ConversationStore:
 
     def input_items(self, response_id: str) -> list[Item]:
         """The items the response was made from, oldest first: what it continued (the earlier chain, or the
-        conversation's items as they stood, less those deleted since) and its own input."""
+        conversation's items as they stood, less those deleted since: a deleted response's items are gone) and its
+        own input."""
         with self._lock:
             row = self._response(self._conn, response_id)
         previous = row.previous_response_id
-        before = self.continued_items(previous) if previous is not None and row.conversation_id is None else []
+        before: list[Item] = []
+        if previous is not None and row.conversation_id is None:
+            try:
+                before = self.continued_items(previous)
+            except NotFoundError:  # the response it continued was deleted since: its items are gone with it
+                before = []
         with self._lock:
             rows = self._conn.execute(
                 "SELECT body FROM items WHERE (response_id = ? AND is_output = 0) "
@@ -279,15 +285,8 @@ class ConversationStore:
     # ---- private ----------------------------------------------------------------------------------------------
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:  # a failed COMMIT leaves it open; SQLite ends some failures itself
-                    self._conn.execute("ROLLBACK")
-                raise
+        with self._lock, transaction(self._conn) as conn:
+            yield conn
 
     def _conversation(self, conn: sqlite3.Connection, conversation_id: str) -> Conversation:
         row = conn.execute("SELECT created_at, metadata FROM conversations WHERE id = ?", (conversation_id,)).fetchone()

@@ -23,7 +23,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from freehold.retrieval.filters import Filter, check_known_keys, parse_filter
 from freehold.retrieval.fusion import reciprocal_rank_fusion
 from freehold.retrieval.records import (FileCounts, FileInput, FileRecord, FileStatus, SearchHit, SearchMode,
                                         SearchResult, StoreNotFoundError)
-from freehold.sqlite_wal import connect_wal
+from freehold.sqlite_wal import connect_wal, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -303,16 +303,8 @@ class VectorStore:
             self._local.conn = conn
         return conn
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    def _transaction(self) -> ContextManager[sqlite3.Connection]:
+        return transaction(self._conn())
 
     @contextmanager
     def _writing(self) -> Iterator[None]:

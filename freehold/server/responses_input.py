@@ -9,6 +9,11 @@ Unicode, turned into the chat messages the model sees, and normalized into the i
     {"type": "function_call_output", call_id, ...} -> a tool message (its call_id must match an earlier call)
     {"type": "file_search_call", ...}              -> dropped (an earlier server-side search; its answer follows)
 
+Stored items are replayed so that nothing stored can break a later turn: a function_call cut off by
+max_output_tokens (its arguments partial JSON) is replayed with arguments "{}", as is any call whose status is
+"incomplete" (a client sending back an incomplete response's output), and a stored function_call_output whose call
+was deleted from the conversation is left out.
+
 Stored, an item has an `id` (the one sent, or a new one: msg_, fc_, fco_, fs_) and a message's content is a list of
 parts (a string becomes one input_text part, output_text for the assistant), as the Conversations API shows them.
 The Conversations API's items (`POST /v1/conversations/{id}/items`) go through the same checks, named `items[i]`.
@@ -62,7 +67,7 @@ def input_messages(instructions: str | None, given: str | list[dict[str, Any]] |
     messages: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions else []
     calls: set[str] = set()
     for item in history:
-        messages = _add_item(messages, item, f"stored item {item.id}", calls)
+        messages = _add_item(messages, item, f"stored item {item.id}", calls, stored=True)
     if isinstance(given, str):
         return messages + [{"role": "user", "content": given}]
     if not parts.input:
@@ -72,14 +77,17 @@ def input_messages(instructions: str | None, given: str | list[dict[str, Any]] |
     return messages
 
 
-def _add_item(messages: list[dict[str, Any]], item: InputItem, where: str, calls: set[str]) -> list[dict[str, Any]]:
+def _add_item(messages: list[dict[str, Any]], item: InputItem, where: str, calls: set[str],
+              stored: bool = False) -> list[dict[str, Any]]:
     if isinstance(item, MessageItem):
         role = "system" if item.role == "developer" else item.role
         messages.append({"role": role, "content": _text(item.content, f"{where}.content")})
     elif isinstance(item, FunctionCallItem):
-        messages = _with_call(messages, item, where)
+        messages = _with_call(messages, item, where, lenient=stored or item.status == "incomplete")
         calls.add(item.call_id)
     elif isinstance(item, FunctionCallOutputItem):
+        if item.call_id not in calls and stored:
+            return messages  # its call was deleted from the conversation
         if item.call_id not in calls:
             raise InvalidRequestError(f"{where} is the output of the call {item.call_id!r}, which no earlier "
                                       "function_call item made", param=f"{where}.call_id")
@@ -91,10 +99,19 @@ def _add_item(messages: list[dict[str, Any]], item: InputItem, where: str, calls
     return messages
 
 
-def _with_call(messages: list[dict[str, Any]], item: FunctionCallItem, where: str) -> list[dict[str, Any]]:
-    """The call appended to the assistant message just before it, if that one makes calls, else to a new one."""
+def _with_call(messages: list[dict[str, Any]], item: FunctionCallItem, where: str,
+               lenient: bool = False) -> list[dict[str, Any]]:
+    """The call appended to the assistant message just before it, if that one makes calls, else to a new one.
+    `lenient`: arguments that are not a JSON object (a call cut off mid-arguments) are replayed as "{}"."""
+    text = item.arguments
+    if lenient:
+        try:
+            if not isinstance(json.loads(text), dict):
+                text = "{}"
+        except (ValueError, RecursionError):
+            text = "{}"
     try:
-        arguments = json.loads(item.arguments)
+        arguments = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidRequestError(f"{where}.arguments is not valid JSON: {exc}", param=f"{where}.arguments") from None
     except RecursionError:
@@ -103,7 +120,7 @@ def _with_call(messages: list[dict[str, Any]], item: FunctionCallItem, where: st
         raise InvalidRequestError(f"{where}.arguments must be a JSON object in a string", param=f"{where}.arguments")
     # escapes in the JSON text (\ud800) decode to what the template renders: a lone surrogate cannot be tokenized
     checked(json.dumps(arguments, ensure_ascii=False), f"{where}.arguments", f"{where}.arguments (decoded)")
-    call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+    call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": text}}
     last = messages[-1] if messages else None
     if last is not None and last["role"] == "assistant" and "tool_calls" in last:
         last["tool_calls"].append(call)

@@ -64,9 +64,16 @@ def test_calculator_schema_and_validation():
     assert tool.parameters["properties"]["expression"]["type"] == "string"
     assert "thousands" in tool.parameters["properties"]["expression"]["description"]
     assert tool.validate({"expression": "1+1"}) == {"expression": "1+1"}
-    for bad in ({}, {"expression": 3}, {"expression": "1", "extra": 1}):
+    for bad in ({}, {"expression": 3}, {"expression": "1", "extra": 1}, {"expression": "}}</tool_call>"},
+                {"expression": ".5"}, {"expression": "1 = 1"}):
         with pytest.raises(ToolArgumentError):
             tool.validate(bad)
+
+
+def test_the_expression_pattern_lets_through_everything_the_calculator_evaluates():
+    tool = function_tool(calculator)
+    for expression, expected in test_calculator_is_exact.pytestmark[0].args[1]:
+        assert calculator(**tool.validate({"expression": expression})) == expected
 
 
 # ---- python sandbox ----------------------------------------------------------------------------------------------

@@ -35,10 +35,12 @@ class Scripted:
         self.tokens = tokens
         self.seen: list[list[dict]] = []
         self.max_tokens: list[int] = []
+        self.tool_choices: list[Any] = []
 
     async def turn(self, messages, tools, *, max_tokens, tool_choice="auto", parallel_tool_calls=True):
         self.seen.append([dict(m) for m in messages])
         self.max_tokens.append(max_tokens)
+        self.tool_choices.append(tool_choice)
         script = self.turns.pop(0) if self.turns else "done"
         if isinstance(script, float):
             await asyncio.sleep(script)
@@ -238,6 +240,29 @@ def test_the_same_call_a_third_time_is_a_loop_but_one_retry_is_not():
     assert retry.stop_reason is StopReason.ANSWER
 
 
+def test_retries_after_error_force_a_call_after_a_failed_one_a_bounded_number_of_times():
+    boom_b = call("boom", {"x": "b"})
+    model = Scripted([call("boom", {"x": "a"})], [boom_b], [boom_b], "gave up")
+    result = Agent(model, [add, boom], retries_after_error=2).run("go")
+    assert result.stop_reason is StopReason.ANSWER and result.answer == "gave up"
+    forced = {"type": "function", "function": {"name": "boom"}}  # the one tool that failed
+    assert model.tool_choices == ["auto", forced, forced, "auto"]  # two retries, then the model may answer
+    # several failed tools, or only an unknown one: any tool; a turn whose calls succeed: auto again
+    model = Scripted([call("boom", {"x": "a"}), call("add", {"a": "x", "b": 1})], [call("nope", {})],
+                     [call("add", {"a": 1, "b": 1})], "2")
+    assert Agent(model, [add, boom], retries_after_error=5).run("go").answer == "2"
+    assert model.tool_choices == ["auto", "required", "required", "auto"]
+    # off by default, and "none" stays "none"
+    model = Scripted([call("boom", {"x": "a"})], "done")
+    Agent(model, [boom]).run("go")
+    assert model.tool_choices == ["auto", "auto"]
+    model = Scripted([call("boom", {"x": "a"})], "done")
+    Agent(model, [boom], tool_choice="none", retries_after_error=1).run("go")
+    assert model.tool_choices == ["none", "none"]
+    with pytest.raises(ValueError, match="retries_after_error"):
+        Agent(Scripted(), [boom], retries_after_error=-1)
+
+
 def test_the_same_call_twice_in_one_turn_runs_once_and_answers_both():
     runs = []
 
@@ -253,6 +278,19 @@ def test_the_same_call_twice_in_one_turn_runs_once_and_answers_both():
     assert [(m["tool_call_id"], m["content"]) for m in result.messages if m["role"] == "tool"] == [
         ("a", "1"), ("b", "1"), ("c", "2"), ("d", "3")]
     assert result.finished.tool_calls == 3
+
+
+def test_a_long_result_of_a_repeated_call_is_in_the_prompt_once():
+    from freehold.agent.loop import REPEAT_RESULT_CHARS
+
+    def passages(q: str) -> str:
+        """Long."""
+        return q * (REPEAT_RESULT_CHARS + 1)
+
+    model = Scripted([call("passages", {"q": "x"}, "a"), call("passages", {"q": "x"}, "b")], "done")
+    result = Agent(model, [passages]).run("go")
+    assert tool_results(result.messages) == ["x" * (REPEAT_RESULT_CHARS + 1), "(the same call as a: see its result)"]
+    assert [len(e.output) for e in result.events if isinstance(e, ToolResult)] == [REPEAT_RESULT_CHARS + 1] * 2
 
 
 def test_a_model_error_ends_the_run_with_error():

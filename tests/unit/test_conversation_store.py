@@ -59,6 +59,7 @@ def test_response_chains_continue_and_unstored_ids_are_named(tmp_path):
     with pytest.raises(NotFoundError):
         store.get_response("resp_1")
     assert _texts(store.continued_items("resp_2")) == ["q2", "a2"]  # a deleted response ends the chain
+    assert _texts(store.input_items("resp_2")) == ["q2"]  # (was a 404 naming resp_1)
     store.check_integrity()
 
 
@@ -278,3 +279,31 @@ def test_a_commit_under_way_when_the_client_leaves_finishes_before_the_lock_is_r
         (await asyncio.wait_for(next_writer, 10))()
         assert [message_text(i) for i in conversations.store.items(conv.id)] == ["hi"]
     asyncio.run(scenario())
+
+
+def test_stored_calls_replay_even_when_cut_off_or_their_call_was_deleted(tmp_path):
+    """A function_call cut off by max_output_tokens (partial arguments, status incomplete) is replayed with "{}",
+    and an output whose call was deleted from the conversation is left out: neither makes later turns 400s. A
+    client's own complete call with bad JSON still is one."""
+    from freehold.server.responses_input import input_messages, stored_parts, typed_parts
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": '{"x": "ab', "status": "incomplete",
+            "id": "fc_1"}
+    calls = [call, {"type": "function_call_output", "call_id": "c1", "output": "partial", "id": "fco_1"},
+             {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}", "id": "fc_2"},
+             {"type": "function_call_output", "call_id": "c2", "output": "done", "id": "fco_2"}]
+    store = ConversationStore(tmp_path / "c.sqlite")
+    conv = store.create_conversation(items=[message_item("user", "hi", item_id="msg_a"), *calls])
+    store.delete_item(conv.id, "fc_2")
+    history = stored_parts(store.items(conv.id))
+    messages = input_messages(None, "next", typed_parts([]), history)
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "user"]
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == "{}"
+    # the same incomplete call sent back by a client is replayed alike; a complete one with bad JSON is a 400
+    given = [call, {"type": "function_call_output", "call_id": "c1", "output": "x"}]
+    assert input_messages(None, given, typed_parts(given))[0]["tool_calls"][0]["function"]["arguments"] == "{}"
+    bad = [{**call, "status": "completed"}]
+    with pytest.raises(InvalidRequestError, match="not valid JSON"):
+        input_messages(None, bad, typed_parts(bad))
+    orphan = [{"type": "function_call_output", "call_id": "c9", "output": "x"}]
+    with pytest.raises(InvalidRequestError, match="no earlier"):
+        input_messages(None, orphan, typed_parts(orphan))

@@ -40,3 +40,20 @@ def test_a_connection_is_usable_from_another_thread_with_full_sync(tmp_path):
     worker.start()
     worker.join()
     assert result == [1]
+
+
+def test_a_transaction_commits_or_rolls_back_whole(tmp_path):
+    import pytest
+
+    from freehold.sqlite_wal import transaction
+    conn = connect_wal(tmp_path / "t.sqlite")
+    conn.execute("CREATE TABLE t (x UNIQUE)")
+    with transaction(conn):
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.execute("INSERT INTO t VALUES (2)")
+    with pytest.raises(sqlite3.IntegrityError):
+        with transaction(conn):
+            conn.execute("INSERT INTO t VALUES (3)")
+            conn.execute("INSERT INTO t VALUES (1)")  # fails: 3 goes with it
+    assert not conn.in_transaction
+    assert [r[0] for r in conn.execute("SELECT x FROM t ORDER BY x")] == [1, 2]

@@ -65,3 +65,16 @@ def test_equal_requests_share_one_compiled_grammar(compiler):
     constraint(compiler, "required", False)
     constraint(compiler, "required", False)
     assert compiler.num_compiled - before <= 1
+
+
+def test_a_parameter_pattern_is_enforced_by_the_grammar(compiler):
+    """The calculator's `expression` pattern (from its type hint) reaches the grammar: a constrained model can
+    write only an arithmetic expression there, not the "}}</tool_call>" or leading "." the default model wrote."""
+    from freehold.agent.builtin.calculator import calculator
+    from freehold.agent.functions import function_tool
+    compiled = compiler.compile(tool_constraint(tool_request([function_tool(calculator).as_openai()], "required",
+                                                             None)))
+    for expression in ["7339 * 5740", "(17 * 3 + 4) / 7", "2^10", "sqrt(16)", "-3 × 4"]:
+        assert complete(compiled, format_call("calculator", f'{{"expression": "{expression}"}}')), expression
+    for expression in ["}}", ".5 * 2", " 2 + 2", "", "2 = 4", "x\\n"]:
+        assert not complete(compiled, format_call("calculator", f'{{"expression": "{expression}"}}')), expression

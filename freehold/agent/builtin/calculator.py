@@ -11,13 +11,21 @@ import math
 import operator
 from decimal import Decimal, Inexact, localcontext
 from fractions import Fraction
-from typing import Callable
+from typing import Annotated, Callable
+
+import pydantic
 
 MAX_CHARS = 2000
 MAX_DEPTH = 200  # AST nesting: a sum of 200 terms is a left-leaning chain of 200 additions
 MAX_BITS = 10_000  # numerator and denominator of every value (about 3,000 decimal digits)
 MAX_LITERAL_EXPONENT = 1000  # 1e1000 is fine, 1e100000000 is refused before 10**100000000 is built
 DECIMAL_DIGITS = 12  # significant digits of the decimal shown next to a fraction
+
+# What a call's `expression` may hold: it starts with a digit, a sign, "(" or a function name and holds only arithmetic
+# characters. The schema carries it, so a constrained model cannot write anything else: without it the default
+# model opened the string with "}}</tool_call>" or "." and the call failed (docs/performance.md, issue 17).
+EXPRESSION_PATTERN = r"^[0-9a-z(+\-][0-9A-Za-z_+\-*/%^()., ×÷−]*$"
+Expression = Annotated[str, pydantic.Field(pattern=EXPRESSION_PATTERN)]
 
 _TYPOGRAPHY = str.maketrans({"^": "**", "×": "*", "÷": "/", "−": "-"})  # what small models and people type
 
@@ -27,7 +35,7 @@ _DIVISIONS: dict[type[ast.operator], Callable[[Fraction, Fraction], Fraction]] =
     ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
 
 
-def calculator(expression: str) -> str:
+def calculator(expression: Expression) -> str:
     """Exact arithmetic: use it for any calculation instead of doing the math yourself. Python syntax with + - * / // % ** and parentheses (^ also means power); decimals are exact (0.1 + 0.2 is 3/10); functions abs, round, min, max, gcd, lcm, sqrt (exact roots only). Results are integers or fractions with a decimal value.
 
     Args:

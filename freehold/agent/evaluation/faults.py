@@ -13,13 +13,18 @@ from __future__ import annotations
 import datetime
 import re
 import threading
+from typing import Annotated
 
-from freehold.agent.builtin.calculator import calculator
+import pydantic
+
+from freehold.agent.builtin.calculator import Expression, calculator
 from freehold.agent.functions import FunctionTool, function_tool
 
 # Fictional packages (a model cannot know where they are): tracking number -> depot city.
 PACKAGES = {"KX-30417": "Rotterdam", "KX-58201": "Porto", "KX-71946": "Tampere", "KX-24863": "Gdansk",
             "KX-96352": "Bergen"}
+# The tracker's number format, in its schema (as a real tracker's API would declare it).
+TrackingNumber = Annotated[str, pydantic.Field(pattern=r"^[A-Z]{2}-[0-9]{5}$")]
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -43,7 +48,7 @@ def flaky_calculator() -> FunctionTool:
     """`calculator` whose first call raises ServiceUnavailableError."""
     calls = _CallCounter()
 
-    def flaky(expression: str) -> str:
+    def flaky(expression: Expression) -> str:
         if calls.next() == 1:
             raise ServiceUnavailableError("the calculator service is temporarily unavailable, try again")
         return calculator(expression)
@@ -57,11 +62,11 @@ def hanging_tracker(hang_seconds: float) -> FunctionTool:
     it with a timeout error and the abandoned thread ends on its own later."""
     calls = _CallCounter()
 
-    def track_package(tracking_number: str) -> str:
+    def track_package(tracking_number: TrackingNumber) -> str:
         """Where a package is now.
 
         Args:
-            tracking_number: the package's tracking number, e.g. "KX-10000".
+            tracking_number: the package's tracking number, as the user wrote it.
         """
         if calls.next() == 1:
             threading.Event().wait(hang_seconds)

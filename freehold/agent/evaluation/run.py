@@ -54,37 +54,42 @@ class Outcome:
     answer: str | None
     detail: str
     tool_choice: str = "auto"  # of the first turn (later turns are "auto"): "required" makes it call a tool
+    retries_after_error: int = 0  # Agent(retries_after_error=...): forced calls after a failed one
 
     def as_dict(self) -> dict[str, Any]:
         return {"task": self.task_id, "category": self.category.value, "mode": self.mode.value,
                 "success": self.success, "stop_reason": self.stop_reason, "steps": self.steps,
                 "tool_calls": self.tool_calls, "tokens": self.tokens, "seconds": round(self.seconds, 3),
                 "faulted": self.faulted, "recovered": self.recovered, "within_limits": self.within_limits,
-                "answer": (self.answer or "")[:300], "detail": self.detail, "tool_choice": self.tool_choice}
+                "answer": (self.answer or "")[:300], "detail": self.detail, "tool_choice": self.tool_choice,
+                "retries_after_error": self.retries_after_error}
 
 
 def run_task(model: Any, task: Task, mode: Mode, resources: Resources = Resources(),
-             limits: Limits = DEFAULT_LIMITS, trace: Path | None = None, tool_choice: str = "auto") -> Outcome:
+             limits: Limits = DEFAULT_LIMITS, trace: Path | None = None, tool_choice: str = "auto",
+             retries_after_error: int = 0) -> Outcome:
     """One run of a task (a fresh set of its tools with Mode.TOOLS, none without), scored."""
     tools = task.make_tools(resources) if mode is Mode.TOOLS else []
     tool_choice = tool_choice if tools else "auto"
+    retries_after_error = retries_after_error if tools else 0
     instructions = INSTRUCTIONS_TOOLS if tools else INSTRUCTIONS_NO_TOOLS
     if trace is not None and trace.exists():
         trace.unlink()  # a rerun's trace replaces the last one (the writer appends)
     started = time.monotonic()
     try:
-        agent = Agent(model, tools, instructions=instructions, limits=limits, tool_choice=tool_choice)
+        agent = Agent(model, tools, instructions=instructions, limits=limits, tool_choice=tool_choice,
+                      retries_after_error=retries_after_error)
         result = agent.run(task.prompt, trace=trace)
     except Exception as exc:  # noqa: BLE001  the evaluation records a crash instead of ending with it
         seconds = time.monotonic() - started
         return Outcome(task.id, task.category, mode, False, CRASH, 0, 0, 0, seconds, False, False, False, None,
-                       f"{type(exc).__name__}: {exc}", tool_choice)
+                       f"{type(exc).__name__}: {exc}", tool_choice, retries_after_error)
     seconds = time.monotonic() - started
     done = result.finished
     return Outcome(task.id, task.category, mode, is_correct(result.answer, task.answers, task.kind),
                    result.stop_reason.value, done.steps, done.tool_calls, done.total_tokens, seconds,
                    faulted(result.events), recovered(result.events), seconds <= limits.max_seconds + SLACK_S,
-                   result.answer, result.detail, tool_choice)
+                   result.answer, result.detail, tool_choice, retries_after_error)
 
 
 def parse_choices(text: str, kind: type[enum.Enum], option: str) -> list:
@@ -104,14 +109,15 @@ def runs_of(tasks: list[Task], modes: list[Mode]) -> list[tuple[Task, Mode]]:
 
 def evaluate(model: Any, tasks: list[Task], modes: list[Mode], resources: Resources = Resources(),
              limits: Limits = DEFAULT_LIMITS, trace_dir: Path | None = None,
-             progress: Callable[[int, int, Outcome], None] | None = None, tool_choice: str = "auto") -> list[Outcome]:
+             progress: Callable[[int, int, Outcome], None] | None = None, tool_choice: str = "auto",
+             retries_after_error: int = 0) -> list[Outcome]:
     runs = runs_of(tasks, modes)
     if trace_dir is not None:
         trace_dir.mkdir(parents=True, exist_ok=True)
     outcomes = []
     for i, (task, mode) in enumerate(runs, 1):
         trace = trace_dir / f"{task.id}-{mode.value}.jsonl" if trace_dir is not None else None
-        outcomes.append(run_task(model, task, mode, resources, limits, trace, tool_choice))
+        outcomes.append(run_task(model, task, mode, resources, limits, trace, tool_choice, retries_after_error))
         if progress is not None:
             progress(i, len(runs), outcomes[-1])
     return outcomes
@@ -135,10 +141,13 @@ class Summary:
     mean_seconds: float
     stop_reasons: dict[str, int]
     tool_choice: str = "auto"
+    retries_after_error: int = 0
 
     def row(self) -> list:
         recovery = f"{self.num_recovered}/{self.num_faulted}" if self.mode is Mode.TOOLS else "-"
-        mode = self.mode.value if self.tool_choice == "auto" else f"{self.mode.value} ({self.tool_choice} 1st call)"
+        settings = ([f"{self.tool_choice} 1st call"] if self.tool_choice != "auto" else []) + \
+            ([f"{self.retries_after_error} retry after error"] if self.retries_after_error else [])
+        mode = f"{self.mode.value} ({', '.join(settings)})" if settings else self.mode.value
         return [self.category.value, mode, self.runs, round(self.success_rate, 3), recovery,
                 round(self.mean_steps, 2), round(self.mean_tool_calls, 2), round(self.mean_tokens),
                 round(self.mean_seconds, 2), ", ".join(f"{k} {v}" for k, v in self.stop_reasons.items())]
@@ -161,7 +170,8 @@ def _summary(category: Category, mode: Mode, group: list[Outcome]) -> Summary:
                    sum(o.faulted for o in group), sum(o.recovered for o in group),
                    _mean([o.steps for o in group]), _mean([o.tool_calls for o in group]),
                    _mean([o.tokens for o in group]), _mean([o.seconds for o in group]),
-                   {r: counts[r] for r in STOP_ORDER if counts[r]}, group[0].tool_choice)
+                   {r: counts[r] for r in STOP_ORDER if counts[r]}, group[0].tool_choice,
+                   group[0].retries_after_error)
 
 
 def _mean(values: list[float]) -> float:
