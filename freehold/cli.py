@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tool-choice", choices=["auto", "required"], default="auto",
                     help="the first turn's tool_choice with tools: required makes the model start with a call")
     ev.add_argument("--retries-after-error", type=int, default=0,
-                    help="times per run a turn after a failed call must call the tool again (Agent(retries_after_error))")
+                    help="times per run the turn after a failed call must call again (the failed tool; any tool "
+                         "when several failed)")
     ev.add_argument("--trace", type=Path, default=None, help="write each run's JSONL trace into this folder")
     ev.add_argument("--embedding-model", default=None, help="for the pydoc store (default: all-MiniLM-L6-v2)")
     ev.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for agent.json and .md")
@@ -158,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tool-choice", choices=["auto", "required", "none"], default="auto",
                    help="for the first turn (later turns are auto): required makes the model start with a call")
     a.add_argument("--retries-after-error", type=int, default=0,
-                   help="times per run a turn after a failed call must call the failed tool again (default 0)")
+                   help="times per run the turn after a failed call must call again (the failed tool; any tool "
+                        "when several failed; default 0)")
     a.add_argument("--max-steps", type=int, default=8, help="model turns")
     a.add_argument("--max-tool-calls", type=int, default=16)
     a.add_argument("--max-total-tokens", type=int, default=None, help="prompt + completion tokens of the run")

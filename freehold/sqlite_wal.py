@@ -2,8 +2,8 @@
 
 Switching a new file to WAL needs a moment alone with it, and SQLite answers "database is locked" at once (without
 its busy timeout) when another connection opens the same new file then: `connect_wal` retries the switch until
-BUSY_TIMEOUT_S, and its connections wait that long for a lock before failing a statement. `transaction` is the one
-way the stores write.
+BUSY_TIMEOUT_S, and its connections wait that long for a lock before failing a statement. `transaction` is how the
+stores write more than one statement at a time.
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ def connect_wal(path: str | Path) -> sqlite3.Connection:
             time.sleep(0.01)
     conn.execute("PRAGMA synchronous=FULL")
     return conn
-
 
 
 @contextmanager

@@ -30,10 +30,11 @@ from freehold.agent.models import (ChatModel, LocalModel, ModelError, RemoteMode
                                    in_daemon_thread)
 from freehold.agent.trace import TraceWriter
 from freehold.tools.parse import ArgumentsDelta, CallStart, ContentDelta
+from freehold.tools.prompt import replayable_arguments
 
 
-# A repeated call's message repeats a result up to this long (a small model tends to answer with the last tool
-# message, so a pointer there costs it the answer); a longer one (search passages) is said once.
+# A repeated call's message repeats a result up to this long; a longer one (search passages) is said once, in the
+# last copy's message (a small model tends to answer with the last tool message), the earlier copies pointing to it.
 REPEAT_RESULT_CHARS = 256
 
 
@@ -71,6 +72,8 @@ class Agent:
         self.parallel_tool_calls = parallel_tool_calls
         if retries_after_error < 0:
             raise ValueError(f"retries_after_error must be at least 0, got {retries_after_error}")
+        if retries_after_error and (tool_choice == "none" or not self.tools):
+            raise ValueError("retries_after_error needs tools the model may call (not tool_choice 'none')")
         self.retries_after_error = retries_after_error
 
     def run(self, task: str | list[dict[str, Any]], *, trace: str | Path | None = None,
@@ -215,10 +218,12 @@ class _Run:
             await stream.aclose()  # type: ignore[attr-defined]
 
     def _tool_choice(self) -> str | dict[str, Any]:
-        """The first turn's is the agent's; later turns are "auto", or a forced retry after a failed call."""
+        """The first turn's is the agent's; later turns are "auto", or a forced retry after a failed call (not on the
+        last step or with no tool call left: there the model may still answer)."""
         if self.steps == 1 or self.agent.tool_choice == "none":
             return self.agent.tool_choice
-        if self.last_turn_failed and self.retries_left > 0 and self.agent.tools:
+        room = self.steps < self.limits.max_steps and self.num_tool_calls < self.limits.max_tool_calls
+        if self.last_turn_failed and self.retries_left > 0 and room:  # never force a call a limit would refuse
             self.retries_left -= 1
             if len(set(self.failed_tools)) == 1:
                 return {"type": "function", "function": {"name": self.failed_tools[0]}}
@@ -247,7 +252,7 @@ class _Run:
     # -- tool calls ---------------------------------------------------------------------------------------------
     async def _run_calls(self, calls: list[CallRecord]) -> AsyncIterator[Event]:
         """Run the turn's calls concurrently (the same call twice runs once; a result longer than REPEAT_RESULT_CHARS
-        is in the prompt once, the copies' messages pointing to the first), each within max_tool_calls and
+        is in the prompt once, in the last copy's message), each within max_tool_calls and
         max_repeats; a call past a limit is answered "not run" and the run then stops. Every call of the loop's
         own gets its `tool` message, in the order asked; client calls are handed back."""
         mine = [c for c in calls if not self._is_client_call(c)]
@@ -258,16 +263,15 @@ class _Run:
         failed = [r for r in done.values() if not r.ok]
         self.last_turn_failed = bool(failed)
         self.failed_tools = [r.name for r in failed if r.name in self.agent.tools]
-        answered: dict[str, str] = {}  # key -> the id of the call of this turn whose message holds the result
-        for call in mine:  # a repeated call gets the result of its first copy, said once in the prompt
+        last_copy = {_call_key(call): i for i, call in enumerate(mine)}
+        for i, call in enumerate(mine):  # a repeated call gets the result of its first copy
             key = _call_key(call)
             result = done.get(key) or ToolResult(self.now(), self.steps, call.id, call.name, call.arguments, False,
                                                  refused[key][1], refused[key][0], 0.0)
             result = dataclasses.replace(result, call_id=call.id, arguments=call.arguments)
             content = result.output
-            if key in answered and len(content) > REPEAT_RESULT_CHARS:
-                content = f"(the same call as {answered[key]}: see its result)"
-            answered.setdefault(key, call.id)
+            if i < last_copy[key] and len(content) > REPEAT_RESULT_CHARS:
+                content = "(the same call is made again below: its result is there)"
             self.messages.append({"role": "tool", "tool_call_id": result.call_id, "content": content})
             yield result
 
@@ -372,19 +376,9 @@ def _assistant_message(turn: TurnResult) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": turn.content}
     if turn.calls:
         message["tool_calls"] = [{"id": c.id, "type": "function",
-                                  "function": {"name": c.name, "arguments": _json_or_empty(c.arguments)}}
+                                  "function": {"name": c.name, "arguments": replayable_arguments(c.arguments)}}
                                  for c in turn.calls]
     return message
-
-
-def _json_or_empty(arguments: str) -> str:
-    """Arguments as the history renders them: invalid JSON (a cut-off or malformed call) becomes "{}" so that the
-    next prompt can be rendered; the tool message says what was wrong."""
-    try:
-        json.loads(arguments)
-        return arguments
-    except (ValueError, RecursionError):
-        return "{}"
 
 
 def _unique_calls(calls: list[CallRecord]) -> dict[str, CallRecord]:

@@ -9,8 +9,8 @@ Unicode, turned into the chat messages the model sees, and normalized into the i
     {"type": "function_call_output", call_id, ...} -> a tool message (its call_id must match an earlier call)
     {"type": "file_search_call", ...}              -> dropped (an earlier server-side search; its answer follows)
 
-Stored items are replayed so that nothing stored can break a later turn: a function_call cut off by
-max_output_tokens (its arguments partial JSON) is replayed with arguments "{}", as is any call whose status is
+Stored calls are replayed leniently: a function_call cut off by max_output_tokens (its arguments partial JSON) or
+with arguments that do not decode to valid Unicode is replayed with arguments "{}", as is any call whose status is
 "incomplete" (a client sending back an incomplete response's output), and a stored function_call_output whose call
 was deleted from the conversation is left out.
 
@@ -30,6 +30,7 @@ from freehold.memory.items import message_item, new_id
 from freehold.server.errors import describe_validation_errors
 from freehold.server.responses_protocol import (ContentPart, FileSearchCallItem, FunctionCallItem,
                                                 FunctionCallOutputItem, InputItem, MessageItem, TypedParts)
+from freehold.tools.prompt import replayable_arguments
 
 _ID_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "file_search_call": "fs"}
 
@@ -103,13 +104,7 @@ def _with_call(messages: list[dict[str, Any]], item: FunctionCallItem, where: st
                lenient: bool = False) -> list[dict[str, Any]]:
     """The call appended to the assistant message just before it, if that one makes calls, else to a new one.
     `lenient`: arguments that are not a JSON object (a call cut off mid-arguments) are replayed as "{}"."""
-    text = item.arguments
-    if lenient:
-        try:
-            if not isinstance(json.loads(text), dict):
-                text = "{}"
-        except (ValueError, RecursionError):
-            text = "{}"
+    text = replayable_arguments(item.arguments) if lenient else item.arguments
     try:
         arguments = json.loads(text)
     except json.JSONDecodeError as exc:

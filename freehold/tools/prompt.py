@@ -71,6 +71,18 @@ def tool_messages(messages: Sequence[Mapping[str, Any]], request: ToolRequest | 
     return out
 
 
+def replayable_arguments(arguments: str) -> str:
+    """A call's arguments as a history can always render them: the text itself if it is a JSON object whose strings
+    are valid Unicode, else "{}" (a call cut off mid-arguments or otherwise malformed; the tool message after it says
+    what was wrong). For histories the server or the agent loop stored, not for what a client sends."""
+    try:
+        value = json.loads(arguments)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # a "\ud800" escape decodes to a lone surrogate
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeEncodeError are ValueErrors
+        return "{}"
+    return arguments if isinstance(value, dict) else "{}"
+
+
 def fallback_system_text(request: ToolRequest) -> str:
     """What the fallback adds to the system message."""
     lines = [FALLBACK_INTRO, "<tools>"]

@@ -256,11 +256,16 @@ def test_retries_after_error_force_a_call_after_a_failed_one_a_bounded_number_of
     model = Scripted([call("boom", {"x": "a"})], "done")
     Agent(model, [boom]).run("go")
     assert model.tool_choices == ["auto", "auto"]
-    model = Scripted([call("boom", {"x": "a"})], "done")
-    Agent(model, [boom], tool_choice="none", retries_after_error=1).run("go")
-    assert model.tool_choices == ["none", "none"]
-    with pytest.raises(ValueError, match="retries_after_error"):
-        Agent(Scripted(), [boom], retries_after_error=-1)
+    for bad in ({"retries_after_error": -1}, {"retries_after_error": 1, "tool_choice": "none"}):
+        with pytest.raises(ValueError, match="retries_after_error"):
+            Agent(Scripted(), [boom], **bad)
+    # never forced where a limit would refuse the call: the last step, or no tool call left
+    model = Scripted([call("boom", {"x": "a"})], "answer")
+    assert Agent(model, [boom], retries_after_error=1, limits=Limits(max_steps=2)).run("go").answer == "answer"
+    assert model.tool_choices == ["auto", "auto"]
+    model = Scripted([call("boom", {"x": "a"})], "answer")
+    assert Agent(model, [boom], retries_after_error=1, limits=Limits(max_tool_calls=1)).run("go").answer == "answer"
+    assert model.tool_choices == ["auto", "auto"]
 
 
 def test_the_same_call_twice_in_one_turn_runs_once_and_answers_both():
@@ -289,7 +294,8 @@ def test_a_long_result_of_a_repeated_call_is_in_the_prompt_once():
 
     model = Scripted([call("passages", {"q": "x"}, "a"), call("passages", {"q": "x"}, "b")], "done")
     result = Agent(model, [passages]).run("go")
-    assert tool_results(result.messages) == ["x" * (REPEAT_RESULT_CHARS + 1), "(the same call as a: see its result)"]
+    assert tool_results(result.messages) == ["(the same call is made again below: its result is there)",
+                                             "x" * (REPEAT_RESULT_CHARS + 1)]
     assert [len(e.output) for e in result.events if isinstance(e, ToolResult)] == [REPEAT_RESULT_CHARS + 1] * 2
 
 

@@ -307,3 +307,13 @@ def test_stored_calls_replay_even_when_cut_off_or_their_call_was_deleted(tmp_pat
     orphan = [{"type": "function_call_output", "call_id": "c9", "output": "x"}]
     with pytest.raises(InvalidRequestError, match="no earlier"):
         input_messages(None, orphan, typed_parts(orphan))
+
+
+def test_stored_call_arguments_that_decode_to_a_lone_surrogate_replay_as_empty():
+    from freehold.server.responses_input import input_messages, stored_parts, typed_parts
+    from freehold.tools.prompt import replayable_arguments
+    assert [replayable_arguments(a) for a in ('{"x": 1}', '{"x": "\\ud800"}', "[1]", '{"x": ', "")] == [
+        '{"x": 1}', "{}", "{}", "{}", "{}"]
+    history = stored_parts([{"type": "function_call", "call_id": "c1", "name": "f", "arguments": '{"x": "\\ud800"}',
+                             "id": "fc_1"}])
+    assert input_messages(None, "next", typed_parts([]), history)[0]["tool_calls"][0]["function"]["arguments"] == "{}"

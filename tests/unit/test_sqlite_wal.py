@@ -57,3 +57,21 @@ def test_a_transaction_commits_or_rolls_back_whole(tmp_path):
             conn.execute("INSERT INTO t VALUES (1)")  # fails: 3 goes with it
     assert not conn.in_transaction
     assert [r[0] for r in conn.execute("SELECT x FROM t ORDER BY x")] == [1, 2]
+
+
+def test_a_failed_commit_is_rolled_back_and_the_connection_stays_usable(tmp_path):
+    import pytest
+
+    from freehold.sqlite_wal import transaction
+    conn = connect_wal(tmp_path / "fk.sqlite")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    conn.execute("CREATE TABLE child (p REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)")
+    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+        with transaction(conn):
+            conn.execute("INSERT INTO child VALUES (7)")  # checked at COMMIT, which fails
+    assert not conn.in_transaction
+    with transaction(conn):
+        conn.execute("INSERT INTO parent VALUES (7)")
+        conn.execute("INSERT INTO child VALUES (7)")
+    assert conn.execute("SELECT COUNT(*) FROM child").fetchone()[0] == 1

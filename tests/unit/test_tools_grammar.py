@@ -74,7 +74,7 @@ def test_a_parameter_pattern_is_enforced_by_the_grammar(compiler):
     from freehold.agent.functions import function_tool
     compiled = compiler.compile(tool_constraint(tool_request([function_tool(calculator).as_openai()], "required",
                                                              None)))
-    for expression in ["7339 * 5740", "(17 * 3 + 4) / 7", "2^10", "sqrt(16)", "-3 × 4"]:
+    for expression in ["7339 * 5740", "(17 * 3 + 4) / 7", "2^10", "sqrt(16)", "-3 × 4", "−3 × 4"]:
         assert complete(compiled, format_call("calculator", f'{{"expression": "{expression}"}}')), expression
     for expression in ["}}", ".5 * 2", " 2 + 2", "", "2 = 4", "x\\n"]:
         assert not complete(compiled, format_call("calculator", f'{{"expression": "{expression}"}}')), expression

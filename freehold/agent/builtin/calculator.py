@@ -23,8 +23,9 @@ DECIMAL_DIGITS = 12  # significant digits of the decimal shown next to a fractio
 
 # What a call's `expression` may hold: it starts with a digit, a sign, "(" or a function name and holds only arithmetic
 # characters. The schema carries it, so a constrained model cannot write anything else: without it the default
-# model opened the string with "}}</tool_call>" or "." and the call failed (docs/performance.md, issue 17).
-EXPRESSION_PATTERN = r"^[0-9a-z(+\-][0-9A-Za-z_+\-*/%^()., ×÷−]*$"
+# model opened the string with "}}</tool_call>" or "." and the call failed (docs/performance.md, issue 17). So a
+# leading "." or space is refused (".5" is written 0.5), though evaluate() would take it.
+EXPRESSION_PATTERN = r"^[0-9a-z(+\-−][0-9A-Za-z_+\-*/%^()., ×÷−]*$"
 Expression = Annotated[str, pydantic.Field(pattern=EXPRESSION_PATTERN)]
 
 _TYPOGRAPHY = str.maketrans({"^": "**", "×": "*", "÷": "/", "−": "-"})  # what small models and people type
