@@ -507,6 +507,9 @@ def agent(args: argparse.Namespace) -> int:
                         max_seconds=args.max_seconds, tool_timeout=args.tool_timeout)
         if args.retries_after_error < 0:
             raise ValueError(f"--retries-after-error must be at least 0, got {args.retries_after_error}")
+        if args.retries_after_error and (args.tools.strip() in ("", "none") or args.tool_choice == "none"):
+            raise ValueError("--retries-after-error needs tools the model may call (not --tools none or "
+                             "--tool-choice none)")
         tools = agent_tools(args)
     except ValueError as exc:
         raise FreeholdError(str(exc)) from None

@@ -72,8 +72,10 @@ class Agent:
         self.parallel_tool_calls = parallel_tool_calls
         if retries_after_error < 0:
             raise ValueError(f"retries_after_error must be at least 0, got {retries_after_error}")
-        if retries_after_error and (tool_choice == "none" or not self.tools):
-            raise ValueError("retries_after_error needs tools the model may call (not tool_choice 'none')")
+        if retries_after_error and not self.tools:
+            raise ValueError("retries_after_error needs tools to call again, and there are none")
+        if retries_after_error and tool_choice == "none":
+            raise ValueError("retries_after_error cannot force calls under tool_choice 'none'")
         self.retries_after_error = retries_after_error
 
     def run(self, task: str | list[dict[str, Any]], *, trace: str | Path | None = None,
@@ -223,7 +225,7 @@ class _Run:
         if self.steps == 1 or self.agent.tool_choice == "none":
             return self.agent.tool_choice
         room = self.steps < self.limits.max_steps and self.num_tool_calls < self.limits.max_tool_calls
-        if self.last_turn_failed and self.retries_left > 0 and room:  # never force a call a limit would refuse
+        if self.last_turn_failed and self.retries_left > 0 and room:  # not on the last step or with no call left
             self.retries_left -= 1
             if len(set(self.failed_tools)) == 1:
                 return {"type": "function", "function": {"name": self.failed_tools[0]}}

@@ -62,7 +62,10 @@ def test_cli_streams_steps_writes_a_trace_and_renders_it(tmp_path, capsys):
     assert code == 0 and "tool calculator" in out and "finished: " in out
     for argv, words in ((["go", "--tools", "calculator,teleport"], "teleport"), (["trace"], "trace FILE"),
                         (["trace", str(tmp_path / "none.jsonl")], "cannot read the trace"),
-                        (["go", "--tools", "file_search"], "--store")):
+                        (["go", "--tools", "file_search"], "--store"),
+                        (["go", "--retries-after-error", "-1"], "--retries-after-error"),
+                        (["go", "--tools", "none", "--retries-after-error", "1"], "--retries-after-error"),
+                        (["go", "--tool-choice", "none", "--retries-after-error", "1"], "--retries-after-error")):
         code, (out, err) = main(["agent", *argv]), capsys.readouterr()
         assert code == 2 and words in err and "Traceback" not in err, (argv, err)
 

@@ -256,9 +256,10 @@ def test_retries_after_error_force_a_call_after_a_failed_one_a_bounded_number_of
     model = Scripted([call("boom", {"x": "a"})], "done")
     Agent(model, [boom]).run("go")
     assert model.tool_choices == ["auto", "auto"]
-    for bad in ({"retries_after_error": -1}, {"retries_after_error": 1, "tool_choice": "none"}):
+    for tools, bad in (([boom], {"retries_after_error": -1}), ([], {"retries_after_error": 1}),
+                       ([boom], {"retries_after_error": 1, "tool_choice": "none"})):
         with pytest.raises(ValueError, match="retries_after_error"):
-            Agent(Scripted(), [boom], **bad)
+            Agent(Scripted(), tools, **bad)
     # never forced where a limit would refuse the call: the last step, or no tool call left
     model = Scripted([call("boom", {"x": "a"})], "answer")
     assert Agent(model, [boom], retries_after_error=1, limits=Limits(max_steps=2)).run("go").answer == "answer"
@@ -283,6 +284,14 @@ def test_the_same_call_twice_in_one_turn_runs_once_and_answers_both():
     assert [(m["tool_call_id"], m["content"]) for m in result.messages if m["role"] == "tool"] == [
         ("a", "1"), ("b", "1"), ("c", "2"), ("d", "3")]
     assert result.finished.tool_calls == 3
+
+
+def test_arguments_that_are_json_but_not_an_object_replay_as_empty():
+    model = Scripted([call("add", "[1]")], "done")
+    result = Agent(model, [add]).run("go")
+    assert result.stop_reason is StopReason.ANSWER
+    assert model.seen[1][-2]["tool_calls"][0]["function"]["arguments"] == "{}"
+    assert "invalid_arguments" in tool_results(model.seen[1])[0]
 
 
 def test_a_long_result_of_a_repeated_call_is_in_the_prompt_once():

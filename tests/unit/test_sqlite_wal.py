@@ -4,7 +4,9 @@ once in CI; it is rare, so this test guards the helper's behaviour rather than r
 import sqlite3
 import threading
 
-from freehold.sqlite_wal import connect_wal
+import pytest
+
+from freehold.sqlite_wal import connect_wal, transaction
 
 
 def test_threads_opening_one_new_file_at_once_all_get_wal(tmp_path):
@@ -43,9 +45,6 @@ def test_a_connection_is_usable_from_another_thread_with_full_sync(tmp_path):
 
 
 def test_a_transaction_commits_or_rolls_back_whole(tmp_path):
-    import pytest
-
-    from freehold.sqlite_wal import transaction
     conn = connect_wal(tmp_path / "t.sqlite")
     conn.execute("CREATE TABLE t (x UNIQUE)")
     with transaction(conn):
@@ -60,9 +59,6 @@ def test_a_transaction_commits_or_rolls_back_whole(tmp_path):
 
 
 def test_a_failed_commit_is_rolled_back_and_the_connection_stays_usable(tmp_path):
-    import pytest
-
-    from freehold.sqlite_wal import transaction
     conn = connect_wal(tmp_path / "fk.sqlite")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
