@@ -70,20 +70,21 @@ class DraftModel:
                 m.seq.output_token_ids.append(token)
                 m.target.draft_token_ids.append(token)
 
+    def lag(self, seq: Sequence) -> int:
+        """The tokens the draft model would compute before drafting for `seq` (its whole length without a mirror)."""
+        m = self.mirrors.get(id(seq))
+        return seq.num_tokens - (m.seq.num_computed_tokens if m is not None else 0)
+
     def within_catch_up_budget(self, seqs: list[Sequence]) -> list[Sequence]:
         """The sequences to draft for this step: the draft model computes each one's missing tokens first (a whole
         prompt, the first time), so those are bounded per step (CATCH_UP_TOKENS, least behind first); the others
         catch up in later steps."""
-        def lag(seq: Sequence) -> int:
-            m = self.mirrors.get(id(seq))
-            return seq.num_tokens - (m.seq.num_computed_tokens if m is not None else 0)
-
         chosen, spent = [], 0
-        for seq in sorted(seqs, key=lag):
-            if spent and spent + lag(seq) > CATCH_UP_TOKENS:
+        for seq in sorted(seqs, key=self.lag):
+            if spent and spent + self.lag(seq) > CATCH_UP_TOKENS:
                 break
             chosen.append(seq)
-            spent += lag(seq)
+            spent += self.lag(seq)
         return chosen
 
     def _synced(self, seq: Sequence) -> _Mirror:

@@ -76,7 +76,8 @@ class Speculator:
     def _propose_from_draft_model(self, candidates: list[Sequence], num_running: int) -> None:
         """One depth for the step (the draft model runs it for all candidates at once), from the cost models, once
         the target's step costs are measured; until then, and while the depth is 0, one sequence drafts one token
-        every PROBE_INTERVAL steps (measuring both models and the acceptance at the cost of one row)."""
+        every PROBE_INTERVAL steps (measuring both models and the acceptance at the cost of one row): the one the
+        draft model is least behind, since a sequence it has not seen costs it the whole prompt first."""
         if not candidates:
             return
         acceptance = sum(s.spec.acceptance for s in candidates) / len(candidates)  # type: ignore[union-attr]
@@ -86,7 +87,7 @@ class Speculator:
             self.steps_off += 1
             if self.steps_off < PROBE_INTERVAL:
                 return
-            k, candidates = 1, candidates[:1]
+            k, candidates = 1, [min(candidates, key=self.draft.lag)]  # type: ignore[union-attr]
         self.steps_off = 0
         self.draft.propose(self.draft.within_catch_up_budget(candidates), k)  # type: ignore[union-attr]
         for seq in candidates:

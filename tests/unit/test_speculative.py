@@ -402,3 +402,19 @@ def test_the_draft_model_catches_up_a_bounded_number_of_tokens_per_step(monkeypa
     monkeypatch.setattr(draft_module, "CATCH_UP_TOKENS", 400)
     assert [s.request_id for s in dm.within_catch_up_budget(seqs)] == ["3", "2", "1"]  # 350 <= 400, least behind first
     assert dm.within_catch_up_budget(seqs[:1]) == seqs[:1]  # one sequence past the budget alone still catches up
+
+
+def test_a_draft_model_probe_goes_to_the_sequence_it_is_least_behind():
+    """At batch sizes where the cost model keeps drafting off, a probe every PROBE_INTERVAL steps drafts one token for
+    one sequence: the one the draft model needs the fewest catch-up tokens for (a sequence it has not seen costs it
+    its whole prompt), not simply the first running one."""
+    from freehold.engine.sequence import Sequence
+    speculator = draft_engine(tiny_model(), tiny_model(1)).speculator
+    seqs = [Sequence(str(i), 0, list(range(1, n + 1)), SamplingParams(max_tokens=4), arrival=i)
+            for i, n in enumerate((300, 40, 200))]
+    for seq in seqs:
+        seq.spec = SpecState()
+    speculator.steps_off = PROBE_INTERVAL - 1
+    speculator._propose_from_draft_model(seqs, len(seqs))
+    assert [len(s.draft_token_ids) for s in seqs] == [0, 1, 0]
+    assert speculator.draft.lag(seqs[1]) == 0 and speculator.draft.lag(seqs[0]) == 300  # only the probed one caught up
