@@ -71,9 +71,10 @@ class DraftModel:
                 m.target.draft_token_ids.append(token)
 
     def lag(self, seq: Sequence) -> int:
-        """The tokens the draft model would compute before drafting for `seq` (its whole length without a mirror)."""
+        """The tokens the draft model would compute before drafting for `seq` (its whole length without a mirror; at
+        least 1, the last token, as `_synced` leaves it)."""
         m = self.mirrors.get(id(seq))
-        return seq.num_tokens - (m.seq.num_computed_tokens if m is not None else 0)
+        return seq.num_tokens - (min(m.seq.num_computed_tokens, seq.num_tokens - 1) if m is not None else 0)
 
     def within_catch_up_budget(self, seqs: list[Sequence]) -> list[Sequence]:
         """The sequences to draft for this step: the draft model computes each one's missing tokens first (a whole

@@ -417,4 +417,10 @@ def test_a_draft_model_probe_goes_to_the_sequence_it_is_least_behind():
     speculator.steps_off = PROBE_INTERVAL - 1
     speculator._propose_from_draft_model(seqs, len(seqs))
     assert [len(s.draft_token_ids) for s in seqs] == [0, 1, 0]
-    assert speculator.draft.lag(seqs[1]) == 0 and speculator.draft.lag(seqs[0]) == 300  # only the probed one caught up
+    assert speculator.draft.lag(seqs[1]) == 1 and speculator.draft.lag(seqs[0]) == 300  # only the probed one caught up
+    short = Sequence("3", 0, list(range(1, 11)), SamplingParams(max_tokens=4), arrival=3)  # new, 10 tokens
+    short.spec = SpecState()
+    seqs.insert(0, short)
+    speculator.steps_off = PROBE_INTERVAL - 1  # the next probe: still the one it follows (1 token behind)
+    speculator._propose_from_draft_model(seqs, len(seqs))
+    assert [len(s.draft_token_ids) for s in seqs] == [0, 0, 1, 0]
