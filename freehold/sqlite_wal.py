@@ -37,8 +37,8 @@ def connect_wal(path: str | Path) -> sqlite3.Connection:
 
 @contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE (the write lock at once, so a transaction never fails half-way for a lock) ... COMMIT; any
-    exception rolls it back, a failed COMMIT too (it leaves the transaction open; SQLite ends some failures itself)."""
+    """BEGIN IMMEDIATE (the write lock taken at the start, not at the first write) ... COMMIT; any exception rolls it
+    back, a failed COMMIT too (it leaves the transaction open; SQLite ends some failures itself)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn

@@ -72,7 +72,7 @@ def tool_messages(messages: Sequence[Mapping[str, Any]], request: ToolRequest | 
 
 
 def replayable_arguments(arguments: str) -> str:
-    """A call's arguments as a history can always render them: the text itself if it is a JSON object whose strings
+    """A call's arguments as a history can render them: the text itself if it is a JSON object whose strings
     are valid Unicode, else "{}" (a call cut off mid-arguments or otherwise malformed; the tool message after it says
     what was wrong). For histories the server or the agent loop stored, not for what a client sends."""
     try:
