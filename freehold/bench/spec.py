@@ -4,7 +4,14 @@ extractive work (repeat / summarise a 1-2K-token pydoc passage, edit a piece of 
 batch size. Greedy with EOS ignored and a fixed length, so both runs decode the same tokens; the bench checks that
 their outputs are identical. Off and on take turns on one engine (speculation is switched per run), so drift in the
 machine's speed hits both; the ratio is the median of the per-turn ratios, the tok/s columns the best turn of each.
-Decode time counts the steps after every request of the batch has its first token."""
+Decode time counts the steps after every request of the batch has its first token.
+
+The n-gram rows also estimate what a perfect draft-length policy would get from the same proposer on this machine:
+the greedy output (identical with speculation off and on) replayed through the proposer, every sequence verifying at
+each step exactly the drafts that will be accepted (none wasted, none missed) plus its bonus token, a step of T
+tokens costing t(T) = fixed + per_token * T from the engine's own fit over the "on" turns' steps
+(freehold.spec.policy), and plain decoding t(batch) per step. A real policy does not know in advance how many drafts
+will be accepted, so it gets less; the linear fit's own error is a few percent either way."""
 from __future__ import annotations
 
 import argparse
@@ -63,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{method} {name} batch {batch}: done", flush=True)
         del llm
     write_results("spec", ["method", "target weights", "workload", "batch", "off tok/s", "on tok/s", "ratio (median)",
-                           "acceptance", "mean accepted length", "same output"], rows,
+                           "acceptance", "mean accepted length", "same output", "perfect policy (est.)"], rows,
                   {"max_tokens": args.max_tokens, "num_speculative_tokens": args.num_speculative_tokens,
                    "weights": args.weights, "draft_target_weights": args.draft_target_weights,
                    "draft_weights": args.draft_weights, "repeats": args.repeats}, args.out)
@@ -92,8 +99,36 @@ def _measure(llm, prompts: list[list[int]], batch: int, args: argparse.Namespace
     drafts, accepted, checks = (sum(getattr(o, f) for _, o in pairs) for f in
                                 ("num_drafts", "num_accepted", "num_verifications"))
     same = all(o.tokens == s.tokens for o, s in pairs)
+    speculator = llm.engine.speculator
+    perfect = _perfect_policy_ratio(chosen, pairs[0][0].tokens, speculator.costs.fit(), args.num_speculative_tokens) \
+        if speculator.draft is None else None
     return [off.tokens_per_s, on.tokens_per_s, ratios[len(ratios) // 2], accepted / drafts if drafts else 0.0,
-            accepted / checks if checks else 0.0, "yes" if same else "NO"]
+            accepted / checks if checks else 0.0, "yes" if same else "NO", f"{perfect:.2f}" if perfect else "-"]
+
+
+def _perfect_policy_ratio(prompts: list[list[int]], outputs: list[list[int]], costs: tuple[float, float],
+                          k: int) -> float:
+    """Plain decoding's modelled time over a perfect draft-length policy's for the n-gram proposer (see the module's
+    text), over the timed steps: each sequence's first output token comes from its prefill."""
+    from freehold.spec.ngram import NgramIndex
+    fixed, per_token = costs
+    seqs = [list(p) + list(o) for p, o in zip(prompts, outputs)]
+    done = [len(p) + 1 for p in prompts]  # tokens known when the timed steps begin
+    indexes = [NgramIndex() for _ in seqs]
+    plain = sum(len(o) - 1 for o in outputs) / len(seqs) * (fixed + per_token * len(seqs))  # batch-wide steps
+    best = 0.0
+    while any(d < len(s) for d, s in zip(done, seqs)):
+        step_tokens = 0
+        for i, s in enumerate(seqs):
+            if done[i] >= len(s):
+                continue
+            room = min(k, len(s) - done[i] - 1)  # the last token is never a draft's
+            draft = indexes[i].propose(lambda a, b, s=s: s[a:b], done[i], room)
+            accepted = next((j for j, t in enumerate(draft) if t != s[done[i] + j]), len(draft))
+            step_tokens += accepted + 1
+            done[i] += accepted + 1
+        best += fixed + per_token * step_tokens
+    return plain / best if best else 0.0
 
 
 def _workloads(llm) -> dict[str, list[list[int]]]:

@@ -55,20 +55,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=512, help="prompt tokens per sequence (default: 512)")
     p.add_argument("--steps", type=int, default=20, help="decode steps timed, then profiled (default: 20)")
     p.add_argument("--kv-cache-memory", default=None, help="e.g. 3G (default: the engine's default)")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                   help="KV cache dtype (default: the engine's, fp32 on CPU)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from freehold.config import KVDtype
     from freehold.kv.planner import parse_size
     from freehold.llm import LLM
     batches = [int(b) for b in args.batches.split(",")]
     if min(batches) < 1 or args.context < 1 or args.steps < 1:
         raise SystemExit("--batches, --context and --steps must be positive")
     options = {"kv_cache_memory": parse_size(args.kv_cache_memory)} if args.kv_cache_memory else {}
-    llm = LLM(args.model, progress=False, max_num_seqs=max(batches), **options)
+    llm = LLM(args.model, progress=False, max_num_seqs=max(batches), kv_dtype=KVDtype(args.kv_dtype), **options)
     print(llm.describe())
     corpus = pydoc_token_ids(llm.tokenizer)
     profiles = [profile_decode(llm.engine, _windows(corpus, batch, args.context), args.steps) for batch in batches]
-    extra = {"model": llm.loaded.path.name, "profiles": [asdict(p) for p in profiles]}
+    extra = {"model": llm.loaded.path.name, "kv_dtype": args.kv_dtype, "profiles": [asdict(p) for p in profiles]}
     write_results("step", *step_table(profiles), extra, args.out)
     print("\nshares: cProfile self time by category, its cost per call taken off (cProfile inflates Python overhead); "
           "ms = share x the unprofiled step. Under the profiler a step took "
