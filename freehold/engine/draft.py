@@ -81,11 +81,11 @@ class DraftModel:
         prompt, the first time), so those are bounded per step (CATCH_UP_TOKENS, least behind first); the others
         catch up in later steps."""
         chosen, spent = [], 0
-        for seq in sorted(seqs, key=self.lag):
-            if spent and spent + self.lag(seq) > CATCH_UP_TOKENS:
+        for lag, seq in sorted(((self.lag(seq), seq) for seq in seqs), key=lambda pair: pair[0]):
+            if spent and spent + lag > CATCH_UP_TOKENS:
                 break
             chosen.append(seq)
-            spent += self.lag(seq)
+            spent += lag
         return chosen
 
     def _synced(self, seq: Sequence) -> _Mirror:
