@@ -15,7 +15,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=["auto", "fp32", "bf16", "int8", "int4"], default="auto",
                    help="auto keeps a GGUF's own quantization (int4/int8 kernels); fp32/bf16 dequantize")
     p.add_argument("--kv-dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default="auto",
-                   help="what the KV cache stores: auto = the activation dtype (exact); int8 holds twice bf16's tokens")
+                   help="what the KV cache stores: auto = bf16 on CPU (fp32 activations), else the activation dtype; "
+                        "fp32 keeps exactly what the model computed; int8 holds twice bf16's tokens")
     p.add_argument("--kv-cache-memory", default="256M", help="KV cache size, e.g. 256M or 2G")
 
 

@@ -132,8 +132,9 @@ def evaluate(args: argparse.Namespace) -> int:
     result = perplexity(loaded.model, ids, args.window, args.max_tokens, cache=cache,
                         progress=lambda i, n: print(f"\rwindow {i}/{n}", end="", file=sys.stderr))
     print(file=sys.stderr)
-    print(f"perplexity {result.perplexity:.4f} (weights {args.weights}, KV {args.kv_dtype}) over {result.num_predicted} predicted tokens "
-          f"({result.num_windows} windows of {args.window}) in {time.perf_counter() - t0:.1f} s")
+    kv = str(config.cache_dtype).removeprefix("torch.")
+    print(f"perplexity {result.perplexity:.4f} (weights {args.weights}, KV {args.kv_dtype}: {kv}) over "
+          f"{result.num_predicted} predicted tokens ({result.num_windows} windows of {args.window}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

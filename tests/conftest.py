@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from freehold.config import EngineConfig, ModelConfig
+from freehold.config import EngineConfig, KVDtype, ModelConfig
 from freehold.engine.engine import Engine
 from freehold.models.llama import LlamaForCausalLM
 from freehold.models.locate import default_model_path
@@ -25,7 +25,10 @@ def tiny_model(seed: int = 0, cfg: ModelConfig = TINY) -> LlamaForCausalLM:
 
 
 def tiny_engine(model: LlamaForCausalLM | None = None, **options) -> Engine:
-    options.setdefault("kv_cache_memory", 64 * TINY.kv_bytes_per_token(torch.float32) * 16)  # 64 blocks
+    """An fp32 KV cache unless told otherwise: these tests compare against the model's own fp32 forward."""
+    options.setdefault("kv_dtype", KVDtype.FP32)
+    per_token = TINY.kv_bytes_per_token(options["kv_dtype"].storage_dtype(torch.float32, "cpu"))
+    options.setdefault("kv_cache_memory", 64 * per_token * 16)  # 64 blocks
     return Engine(model or tiny_model(), TINY, [TINY_EOS], EngineConfig(**options))
 
 
@@ -36,10 +39,11 @@ def default_model_file():
 
 @pytest.fixture(scope="session")
 def default_llm():
-    """fp32 weights: the reference-parity configuration (quantized kernels are tested in tests/unit/test_quant*)."""
+    """fp32 weights and KV cache: the reference-parity configuration (quantized kernels are tested in
+    tests/unit/test_quant*, the default int4 + bf16 KV configuration in tests/integration/test_quant_accuracy.py)."""
     from freehold.llm import LLM
     from freehold.quant.modes import WeightMode
-    return LLM(progress=False, kv_cache_memory=256 << 20, weights=WeightMode.FP32)
+    return LLM(progress=False, kv_cache_memory=256 << 20, weights=WeightMode.FP32, kv_dtype=KVDtype.FP32)
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", default=None, help="for the started server")
     parser.add_argument("--max-num-batched-tokens", default=None, help="for the started server")
     parser.add_argument("--kv-dtype", default=None, choices=["auto", "fp32", "bf16", "fp16", "int8"],
-                        help="for the started server (default: the server's, auto)")
+                        help="for the started server (default: the server's, auto: bf16 on CPU)")
     parser.add_argument("--quick", action="store_true",
                         help=f"small run: {QUICK['num_requests']} requests at {QUICK['concurrency']}, "
                              f"inputs {QUICK['input_len']}, outputs {QUICK['output_len']}")

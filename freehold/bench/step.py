@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="decode steps timed, then profiled (default: 20)")
     p.add_argument("--kv-cache-memory", default=None, help="e.g. 3G (default: the engine's default)")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
-                   help="KV cache dtype (default: the engine's, fp32 on CPU)")
+                   help="KV cache dtype (default: the engine's, bf16 on CPU)")
 
 
 def run(args: argparse.Namespace) -> int:

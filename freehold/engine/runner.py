@@ -2,7 +2,11 @@
 of the sequences that sample this step and the prompt logprobs the batch's prefill rows yield
 (freehold.engine.prompt_logprobs). It tells the packed layers each row's kind (freehold.quant.compute):
 decode rows (a generated token's, a short prompt's, every logits row) or prompt rows (a long prompt's), so a row's
-matmul path never depends on what else is in the batch."""
+matmul path never depends on what else is in the batch. Where the native attention kernel runs (CPU, fp32
+activations), the rows of every prompt under SDPA_MIN_ROWS_X_CONTEXT attend through it, each to its sequence up to
+itself, so a row's attention does not depend on how its prompt was split into chunks either (SDPA's results do, in
+the last bits, and a bf16 KV cache turns such bits into bf16 roundings that can change a greedy token:
+docs/performance.md, issue 19)."""
 from __future__ import annotations
 
 import itertools
@@ -16,6 +20,7 @@ from freehold.engine import prompt_logprobs
 from freehold.engine.prompt_logprobs import PromptLogprobRows
 from freehold.engine.scheduler import Eviction, ScheduledChunk
 from freehold.engine.sequence import Sequence
+from freehold.kernels import native
 from freehold.kv import sink
 from freehold.layers.attention import AttentionMetadata, KVCache, PrefillChunk
 from freehold.models.llama import LlamaForCausalLM
@@ -24,6 +29,12 @@ from freehold.types import TokenLogprob
 
 
 MAX_DECODE_ROWS = 1 + MAX_SPECULATIVE_TOKENS  # generated tokens computed together as decode rows, at most
+# Where rows could attend alone, a prompt whose (tokens to compute at first admission) x (prompt tokens) reaches this
+# attends through SDPA, chunk by chunk: the kernel's vector dot products cost more than SDPA's GEMMs there (2 threads,
+# prompt time through the kernel vs SDPA, new tokens after cached ones: 128 after 0 0.92x, 512/0 0.91x, 1,536/0 1.05x,
+# 2,020/0 1.22x, 20/2,000 0.62x, 100/7,000 0.80x, 600/1,000 0.98x, 500/4,000 1.17x, 900/2,000 1.18x). So every
+# prompt under 1,024 tokens attends alone.
+SDPA_MIN_ROWS_X_CONTEXT = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,8 @@ class ModelRunner:
         self.cache = cache
         self.device = device
         self.block_size = cache.block_size
+        self.rows_attend_alone = (device.type == "cpu" and model.model.norm.weight.dtype == torch.float32
+                                  and native.paged_attention() is not None and cache.native_view(0) is not None)
 
     @torch.inference_mode()
     def forward(self, chunks: tuple[ScheduledChunk, ...]) -> ForwardOutput:
@@ -66,11 +79,13 @@ class ModelRunner:
             sink.shift_keys(self.cache, self.model.rope, list(eviction.blocks), eviction.shift)
 
     def prepare_input(self, chunks: tuple[ScheduledChunk, ...]) -> ModelInput:
-        """Decode chunks (`_decodes`: each token a decode row attending to the sequence up to itself, the same
-        computation as decoding it alone) first, then prefill chunks. Slots, RoPE positions and context lengths are
-        cache indices (`Sequence.cache_index`: the token positions, unless a sink sequence evicted tokens)."""
-        decodes = [c for c in chunks if _decodes(c)]
-        prefills = [c for c in chunks if not _decodes(c)]
+        """Chunks whose rows attend alone (`_attends_alone`: each token a decode row attending to the sequence up to
+        itself, the same computation as decoding it alone) first, then prefill chunks. Slots, RoPE positions and
+        context lengths are cache indices (`Sequence.cache_index`: the token positions, unless a sink sequence
+        evicted tokens)."""
+        alone = [self._attends_alone(c) for c in chunks]
+        decodes = [c for c, a in zip(chunks, alone) if a]
+        prefills = [c for c, a in zip(chunks, alone) if not a]
         ids, positions, slots, decode_rows = [], [], [], []
         for c in decodes + prefills:
             ids += _chunk_ids(c)
@@ -102,6 +117,15 @@ class ModelRunner:
                           torch.tensor(decode_rows, dtype=torch.bool, device=self.device), tuple(sampling), scored)
 
     # -- private ------------------------------------------------------------------------------------------
+    def _attends_alone(self, c: ScheduledChunk) -> bool:
+        """Whether the chunk's rows go to the decode attention, each row on its own: decode chunks, and where the
+        native kernel runs every chunk of a prompt under SDPA_MIN_ROWS_X_CONTEXT (counted at first admission, so
+        fixed for the sequence)."""
+        if _decodes(c):
+            return True
+        num_prompt = len(c.seq.prompt_token_ids)
+        return self.rows_attend_alone and (num_prompt - c.seq.num_cached_tokens) * num_prompt < SDPA_MIN_ROWS_X_CONTEXT
+
     @staticmethod
     def _decode_rows(seq: Sequence, positions: list[int]) -> list[bool]:
         """A generated token's row, or any row of a prompt short enough (counted at first admission, so fixed for
@@ -115,11 +139,14 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 
     def _decode_tables(self, decodes: list[ScheduledChunk], decode_lens: list[int]) -> torch.Tensor:
-        """One block table per decode row (a chunk's draft rows repeat its sequence's table)."""
+        """One block table per decode row (a chunk's other rows repeat its sequence's table)."""
         width = -(-max(decode_lens) // self.block_size)
-        tables = [c.seq.block_table[:width] + [0] * (width - len(c.seq.block_table[:width]))
-                  for c in decodes for _ in range(c.num_tokens)]
-        return self._tensor(tables)
+        tables = self._tensor([c.seq.block_table[:width] + [0] * (width - len(c.seq.block_table[:width]))
+                               for c in decodes])
+        if all(c.num_tokens == 1 for c in decodes):
+            return tables
+        return tables.repeat_interleave(self._tensor([c.num_tokens for c in decodes]), dim=0,
+                                        output_size=len(decode_lens))
 
     def _prefill_chunks(self, prefills: list[ScheduledChunk], first_row: int) -> tuple[PrefillChunk, ...]:
         out, row = [], first_row
@@ -134,7 +161,8 @@ class ModelRunner:
 def _decodes(c: ScheduledChunk) -> bool:
     """Whether the chunk's tokens run as decode rows (each attending to the sequence up to itself, as decoding it
     alone would): one real token (plus drafts), or a few generated tokens at once (a draft model catching up with the
-    tokens its target accepted). A prompt chunk runs as a prefill (SDPA over the chunk)."""
+    tokens its target accepted). Otherwise a prompt chunk runs as a prefill (SDPA over the chunk), unless
+    ModelRunner._attends_alone sends it to the native kernel."""
     if c.num_tokens - c.num_drafts == 1:
         return True
     return c.start >= len(c.seq.prompt_token_ids) and c.num_tokens <= MAX_DECODE_ROWS

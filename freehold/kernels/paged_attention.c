@@ -1,16 +1,20 @@
-/* Decode attention straight from the paged KV cache: query rows attend to their sequence's context in place, no
-   gather copy. For row b, query head h (KV head g = h / G, G = H / KVH) and its context of n_b tokens:
+/* Attention straight from the paged KV cache, for decode rows and (on CPU) prompt chunks alike: query rows attend
+   to their sequence's context in place, no gather copy. For row b, query head h (KV head g = h / G, G = H / KVH)
+   and its context of n_b tokens:
        s_t = scale * q[b,h] . K[slot(b,t), g]            slot(b,t) = table[b][t / bs] * bs + t % bs
        p_t = exp(s_t - max_u s_u) / sum_u exp(s_u - max_u s_u)
        out[b,h] = sum_t p_t V[slot(b,t), g]
-   Rows come in runs: consecutive rows of one sequence (a decoded token and its draft tokens, or a short prompt
-   chunk), one table, context lengths non-decreasing (each row sees the sequence up to itself). A task is (up to
+   Rows come in runs: consecutive rows of one sequence (a decoded token and its draft tokens, or a prompt chunk),
+   one table, context lengths non-decreasing (each row sees the sequence up to itself). A task is (up to
    MAX_Q / G rows of a run, g, a chunk of CHUNK tokens): every query head of those rows that reads KV head g shares
    each K/V row read, so a run's context is read once per step, not once per row; chunks merge by their softmax
    statistics (flash-decoding), so one long sequence still keeps every thread busy. Tasks run in parallel (OpenMP,
    the same libgomp torch uses). A row's arithmetic is the same whatever else is in its task: chunks are fixed by
    the context length (a row's chunks past its own length are empty and skipped), and its dot products, exponents
    and sums run the same instructions in the same order, so a row gets the same result in any batch or run.
+   With AVX-512 and head_dim 64 or 128 a task runs attend_vec (per query: 16 tokens' scores at a time, the V sums in
+   registers; ~1.5x attend()'s speed when the context is in cache, which prompt chunks' runs are), elsewhere the
+   portable attend(); which one depends only on head_dim and the CPU, never on the rows.
    Cache element types: 0 = fp32, 1 = bf16, 2 = int8 with one fp16 scale per (slot, KV head). */
 #include <math.h>
 #include <stdint.h>
@@ -194,6 +198,124 @@ static inline __attribute__((always_inline)) void attend(
     }
 }
 
+
+#ifdef __AVX512F__
+/* out[u] = the sum of v[u]'s 16 lanes, u < 16: 8-lane halves added, then 4-lane quarters, then pairs, then lanes
+   (46 instructions for 16 sums, against ~8 each for one vector's reduction). A fixed order for every row. */
+static inline __attribute__((always_inline)) __m512 sum16(__m512 v[16]) {
+    __m512 w[8], x[4];
+    for (int k = 0; k < 8; k++)  /* w[k]: v[2k]'s 8 half sums in 128-bit lanes 0-1, v[2k+1]'s in 2-3 */
+        w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+    for (int k = 0; k < 4; k++)  /* x[k]: 128-bit lane L holds 4 partial sums of v[4k + L] */
+        x[k] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0x88),
+                             _mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0xDD));
+    __m512 y0 = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
+    __m512 y1 = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
+    __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y0, y1, 0x44), _mm512_shuffle_ps(y0, y1, 0xEE));
+    /* z[4L + c] = the sum of v[4c + L] */
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_permutexvar_ps(order, z);
+}
+
+/* attend() with AVX-512 for head_dim a multiple of 16 (64 and 128 are compiled): the chunk's K and V rows of head g
+   as fp32 (the cache in place, or widened once into a buffer: exact), then per query the scores 16 tokens at a time
+   (each token's 16-lane products q . k summed by sum16, not one horizontal sum per token), softmax, and
+   sum_t p_t V_t for QB queries at a time with their accumulators in registers (attend() keeps them in memory).
+   A query's arithmetic is the same whatever else is in its task (rows, tokens beyond its own length skipped). */
+#define QB 4  /* queries per pass over V */
+static inline __attribute__((always_inline)) void attend_vec(
+        const float *q, int64_t q_row_stride, Partial *parts, const void *k_cache, const void *v_cache,
+        const _Float16 *k_scales, const _Float16 *v_scales, const int dtype, const int64_t *table, int64_t t0,
+        const int64_t *lens, int rows, int g, int group, int kv_heads, int block_size, int log2_bs, float scale,
+        const int head_dim) {
+    enum { V = 16 };
+    const int nv = head_dim / V;
+    float scores[MAX_Q][CHUNK] __attribute__((aligned(64))), ks[CHUNK], vs[CHUNK], mx[MAX_Q], sum[MAX_Q];
+    const float *krow[CHUNK], *vrow[CHUNK];
+    float kbuf[dtype == 0 ? 1 : CHUNK * head_dim], vbuf[dtype == 0 ? 1 : CHUNK * head_dim];  /* bf16 / int8 widened */
+    int64_t n_ctx = lens[rows - 1], t1 = t0 + CHUNK < n_ctx ? t0 + CHUNK : n_ctx, n = t1 - t0, seen[MAX_Q];
+    for (int x = 0; x < rows; x++) {
+        int64_t m = lens[x] - t0;
+        seen[x] = m < 0 ? 0 : m < n ? m : n;
+    }
+    for (int64_t t = 0; t < n; t++) {
+        const void *kr = token_row(k_cache, k_scales, dtype, table, t0 + t, n_ctx, block_size, log2_bs, g, kv_heads,
+                                   head_dim, &ks[t]);
+        const void *vr = token_row(v_cache, v_scales, dtype, table, t0 + t, n_ctx, block_size, log2_bs, g, kv_heads,
+                                   head_dim, &vs[t]);
+        ks[t] *= scale;
+        if (dtype == 0) {
+            krow[t] = (const float *)kr, vrow[t] = (const float *)vr;
+        } else {
+            krow[t] = kbuf + t * head_dim, vrow[t] = vbuf + t * head_dim;
+            for (int i = 0; i < head_dim; i += V) {
+                if (dtype == 1) {
+                    __m256i kb = _mm256_loadu_si256((const __m256i *)((const uint16_t *)kr + i));
+                    __m256i vb = _mm256_loadu_si256((const __m256i *)((const uint16_t *)vr + i));
+                    _mm512_storeu_si512(kbuf + t * head_dim + i, _mm512_slli_epi32(_mm512_cvtepu16_epi32(kb), 16));
+                    _mm512_storeu_si512(vbuf + t * head_dim + i, _mm512_slli_epi32(_mm512_cvtepu16_epi32(vb), 16));
+                } else {
+                    __m128i kb = _mm_loadu_si128((const __m128i *)((const int8_t *)kr + i));
+                    __m128i vb = _mm_loadu_si128((const __m128i *)((const int8_t *)vr + i));
+                    _mm512_storeu_ps(kbuf + t * head_dim + i, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(kb)));
+                    _mm512_storeu_ps(vbuf + t * head_dim + i, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(vb)));
+                }
+            }
+        }
+    }
+    int nq = rows * group;
+    for (int qi = 0; qi < nq; qi++) {  /* scores, 16 tokens at a time */
+        int64_t own = seen[qi / group];
+        const float *qv = q + (int64_t)(qi / group) * q_row_stride + (int64_t)(qi % group) * head_dim;
+        __m512 m16 = _mm512_set1_ps(-INFINITY);
+        for (int64_t tb = 0; tb < own; tb += 16) {
+            __m512 acc[16];
+            int cnt = own - tb < 16 ? (int)(own - tb) : 16;
+            for (int u = 0; u < 16; u++) {
+                acc[u] = _mm512_setzero_ps();
+                if (u < cnt)
+                    for (int i = 0; i < nv; i++)
+                        acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(qv + i * V), _mm512_loadu_ps(krow[tb + u] + i * V),
+                                                 acc[u]);
+            }
+            __mmask16 valid = (__mmask16)(cnt == 16 ? 0xFFFF : (1u << cnt) - 1);
+            __m512 s = _mm512_mul_ps(sum16(acc), _mm512_maskz_loadu_ps(valid, ks + tb));
+            _mm512_store_ps(scores[qi] + tb, s);
+            m16 = _mm512_mask_max_ps(m16, valid, m16, s);
+        }
+        mx[qi] = own ? _mm512_reduce_max_ps(m16) : -INFINITY;
+        sum[qi] = own ? exp_shifted(scores[qi], own, mx[qi]) : 0.0f;
+    }
+    for (int q0 = 0; q0 < nq; q0 += QB) {  /* sum_t p_t V_t, QB queries at once */
+        int nb = nq - q0 < QB ? nq - q0 : QB;
+        __m512 acc[QB][MAX_D / V];
+        int64_t own[QB], longest = 0;
+        for (int j = 0; j < QB; j++) {
+            own[j] = j < nb ? seen[(q0 + j) / group] : 0;
+            if (own[j] > longest) longest = own[j];
+            for (int i = 0; i < nv; i++) acc[j][i] = _mm512_setzero_ps();
+        }
+        for (int64_t t = 0; t < longest; t++) {
+            const float *v = vrow[t];
+            for (int j = 0; j < QB; j++) {
+                if (t >= own[j]) continue;
+                __m512 w = _mm512_set1_ps(scores[q0 + j][t] * vs[t]);
+                for (int i = 0; i < nv; i++) acc[j][i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + i * V), acc[j][i]);
+            }
+        }
+        for (int j = 0; j < nb; j++) {
+            int qi = q0 + j;
+            Partial p = parts[qi / group];
+            p.m[qi % group] = mx[qi];
+            p.l[qi % group] = sum[qi];
+            for (int i = 0; i < nv; i++)
+                _mm512_storeu_ps(p.acc + (int64_t)(qi % group) * head_dim + i * V, acc[j][i]);
+        }
+    }
+}
+#endif
+
 /* out[j] = the merged softmax average of a sequence's chunks (task i, i + stride, ...), chunk by chunk in order */
 static void merge(const float *pm, const float *pl, const float *pacc, int64_t first, int64_t count, int64_t stride,
                   int group, int head_dim, float *og) {
@@ -314,6 +436,16 @@ int paged_decode_attention(const float *q, float *out, const void *k_cache, cons
                               t0, context_lens + x0, rows, g, group, kv_heads, block_size, log2_bs, scale, HD)
 #define ATTEND_DT(DT) do { if (head_dim == 64) ATTEND(DT, 64); else if (head_dim == 128) ATTEND(DT, 128); \
                            else ATTEND(DT, head_dim); } while (0)
+#ifdef __AVX512F__
+#define ATTEND_VEC(DT, HD) attend_vec(qg, (int64_t)heads * head_dim, parts, k_cache, v_cache, k_scales, v_scales, \
+                                  DT, table, t0, context_lens + x0, rows, g, group, kv_heads, block_size, log2_bs, \
+                                  scale, HD)
+            if (head_dim == 64) {
+                if (dtype == 0) ATTEND_VEC(0, 64); else if (dtype == 1) ATTEND_VEC(1, 64); else ATTEND_VEC(2, 64);
+            } else if (head_dim == 128) {
+                if (dtype == 0) ATTEND_VEC(0, 128); else if (dtype == 1) ATTEND_VEC(1, 128); else ATTEND_VEC(2, 128);
+            } else
+#endif
             if (dtype == 0) ATTEND_DT(0);
             else if (dtype == 1) ATTEND_DT(1);
             else ATTEND_DT(2);

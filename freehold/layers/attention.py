@@ -1,12 +1,14 @@
 """Attention over a paged KV cache.
 
-The flat batch holds T tokens: first the decode tokens (one per decoding sequence), then the prefill chunks.
-Each layer writes its new K/V into cache slots (slot = block_id * block_size + offset) and then attends:
-  decode:  on CPU, the native kernel (kernels/paged_attention.c) reads each sequence's blocks in place; elsewhere
-           one batched SDPA over each sequence's gathered blocks, masked past its context length;
-  prefill: one SDPA per chunk; a chunk that starts at position 0 attends to its own K/V (as the cache stores them:
-           rounded to bf16 or int8 when the cache is) with a causal mask, a chunk that continues a cached prefix
-           gathers the prefix from the cache and uses an offset causal mask.
+The flat batch holds T tokens: first the decode rows, then the prefill chunks. Each layer writes its new K/V into
+cache slots (slot = block_id * block_size + offset) and then attends:
+  decode:  on CPU, the native kernel (kernels/paged_attention.c) reads each sequence's blocks in place, each row up
+           to its own position (the runner sends prompt chunks this way too on CPU: every row computed on its own,
+           whatever the chunking); elsewhere one batched SDPA over each row's gathered blocks, masked past its length;
+  prefill: (on CPU with fp32 activations, only long prompts: runner.SDPA_MIN_ROWS_X_CONTEXT) one SDPA per chunk; a
+           chunk that starts at position 0 attends to its own K/V (as the cache stores them: rounded to bf16 or int8
+           when the cache is) with a causal mask, a chunk that continues a cached prefix gathers the prefix from the
+           cache and uses an offset causal mask.
 softmax(q k^T / sqrt(D)) v with GQA: query head h reads KV head h // (H / KVH).
 """
 from __future__ import annotations

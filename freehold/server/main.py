@@ -155,8 +155,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", type=parse_size, default=None,
                         help="KV cache size in bytes, e.g. 512M or 2G (default: a fraction of free memory)")
     parser.add_argument("--kv-dtype", choices=[d.value for d in KVDtype], default="auto",
-                        help="what the KV cache stores: auto = the activation dtype (exact); bf16/fp16 halve and "
-                             "int8 quarters fp32's bytes per token, so the same memory holds 2x/4x the tokens")
+                        help="what the KV cache stores: auto = bf16 on CPU (fp32 activations), else the "
+                             "activation dtype; fp32 is exact; bf16/fp16 halve and int8 quarters fp32's bytes per "
+                             "token, so the same memory holds 2x/4x the tokens")
     parser.add_argument("--max-num-seqs", type=_positive_int, default=None, help="sequences per step")
     parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=None, help="tokens per step")
     parser.add_argument("--max-model-len", type=_positive_int, default=None,

@@ -122,9 +122,10 @@ def _wait_healthy(server: ServerProcess) -> None:
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerProcess]:
-    # fp32 weights: the configuration whose greedy output does not depend on the batch (docs/architecture.md)
+    # fp32 weights and KV cache: the configuration whose greedy output does not depend on the batch
+    # (docs/architecture.md); the default weights and bf16 cache have their own tests (test_default_weights.py)
     s = start_server("--kv-cache-memory", "256M", "--max-model-len", "2048", "--max-num-seqs", "32",
-                     "--weights", "fp32")
+                     "--weights", "fp32", "--kv-dtype", "fp32")
     yield s
     stop_server(s)
 

@@ -87,6 +87,35 @@ def test_decode_rows_are_bitwise_batch_invariant_beside_large_prompt_chunks(auto
     assert together == alone  # logprobs too, bit for bit
 
 
+def test_a_prompt_split_into_any_chunks_gives_bit_identical_output(auto_llm, corpus):
+    """The default settings (int4 weights, bf16 KV cache): however the token budget splits the prompts into chunks,
+    every prompt row attends through the native kernel, each row on its own, and takes its kind's matmul path, so
+    the generated tokens and logprobs do not change by one bit. So does a short prompt whose full blocks come from
+    the prefix cache (a long one's tail would then be a short prompt's rows: another matmul path)."""
+    prompts = [corpus[1000:1040], corpus[3000:3150], corpus[6000:6300]]  # a short prompt, two long ones
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5)
+
+    def generate(budget: int, repeat: int = 1) -> list[list[tuple]]:
+        config = EngineConfig(kv_cache_memory=256 << 20, max_num_batched_tokens=budget)
+        engine = Engine(auto_llm.loaded.model, auto_llm.loaded.config, auto_llm.tokenizer.eos_token_ids, config)
+        assert engine.runner.rows_attend_alone and engine.runner.cache.k.dtype == torch.bfloat16
+        for _ in range(repeat):
+            hits = engine.pool.num_hits
+            out = {str(i): [] for i in range(len(prompts))}
+            for i, p in enumerate(prompts):
+                engine.add_request(str(i), p, params)
+            while engine.has_unfinished():
+                for o in engine.step():
+                    out[o.request_id] += [(lp.token_id, lp.logprob, lp.top) for lp in o.outputs[0].logprobs]
+        assert repeat == 1 or engine.pool.num_hits > hits  # the last round found cached blocks
+        return list(out.values())
+
+    reference = generate(512)  # 40 + 150 + 300 prompt tokens: at most three chunks
+    assert generate(64) == reference  # the long prompts split into several chunks, beside the others' decode rows
+    assert generate(100) == reference
+    assert generate(100, repeat=2)[:2] == reference[:2]  # the second time from the prefix cache
+
+
 def greedy_answers(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     gens = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0))
     return [g.completions[0].token_ids for g in gens]

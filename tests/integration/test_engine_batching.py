@@ -1,7 +1,5 @@
 """Batch invariance on the real default model: 16 prompts generated together (mixed lengths, staggered arrivals,
 a KV budget small enough to force preemption, chunked prefill) equal each prompt generated alone."""
-import torch
-
 from freehold.config import EngineConfig
 from freehold.engine.engine import Engine
 from freehold.types import SamplingParams
@@ -27,7 +25,7 @@ def test_sixteen_prompts_together_equal_alone(default_llm):
     corpus = llm.tokenizer.encode(default_text()[:60000], add_special_tokens=False)
     prompts = [corpus[i * 700: i * 700 + 20 + 23 * i] for i in range(16)]  # 20..365 tokens
     cfg, model = llm.loaded.config, llm.loaded.model
-    per_token = cfg.kv_bytes_per_token(torch.float32)
+    per_token = cfg.kv_bytes_per_token(EngineConfig().cache_dtype)  # the default KV cache (bf16 on CPU)
     engine = Engine(model, cfg, llm.tokenizer.eos_token_ids,
                     EngineConfig(kv_cache_memory=80 * 16 * per_token, max_num_batched_tokens=128, max_num_seqs=16))
     arrivals = {}

@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from freehold.config import KVDtype
 from freehold.errors import InvalidRequestError, PromptTooLongError
 from freehold.kv.block_pool import block_key
 from freehold.types import FinishReason, SamplingParams
@@ -42,7 +43,16 @@ def prompts(seed, count, lo=3, hi=120):
     return [[rng.randrange(0, TINY_EOS) for _ in range(rng.randint(lo, hi))] for _ in range(count)]
 
 
-def test_batch_invariance_with_preemption_and_chunked_prefill():
+@pytest.fixture(params=["kernel", "sdpa"])
+def prompt_attention(request, monkeypatch):
+    """Prompt chunks through the native kernel (CPU, prompts under the threshold) or SDPA (longer prompts, CUDA)."""
+    if request.param == "sdpa":
+        from freehold.engine import runner
+        monkeypatch.setattr(runner, "SDPA_MIN_ROWS_X_CONTEXT", 0)
+    return request.param
+
+
+def test_batch_invariance_with_preemption_and_chunked_prefill(prompt_attention):
     model = tiny_model()
     ps = prompts(1, 16)
     # 40 blocks of 16 tokens for 16 sequences of up to 150 tokens: forces preemption; 48-token budget chunks prompts
@@ -82,7 +92,7 @@ def test_randomized_block_accounting_with_aborts():
     assert not engine.has_unfinished() and engine.pool.num_free == engine.pool.num_blocks
 
 
-def test_prefix_cache_is_exact_and_reports_cached_tokens():
+def test_prefix_cache_is_exact_and_reports_cached_tokens(prompt_attention):
     model = tiny_model(3)
     system = prompts(2, 1, 37, 37)[0]  # ends mid-block
     turns = [system + [7, 8, 9], system + [7, 8, 9, 100, 101, 102, 103, 104], system + [50]]
@@ -111,7 +121,7 @@ def layer0_keys(model, tokens):
         return model.rope(k, torch.arange(len(tokens)))
 
 
-def test_cached_blocks_never_hold_stale_kv():
+def test_cached_blocks_never_hold_stale_kv(prompt_attention):
     model = tiny_model(4)
     engine = tiny_engine(model, kv_cache_memory=12 * 16 * TINY.kv_bytes_per_token(torch.float32),
                          max_num_batched_tokens=40)
@@ -202,7 +212,7 @@ def test_n_completions_share_the_prompt_blocks():
 
 def test_bfloat16_engine_runs_and_halves_kv_bytes():
     model = tiny_model().to(torch.bfloat16)
-    engine = tiny_engine(model, dtype=torch.bfloat16)
+    engine = tiny_engine(model, dtype=torch.bfloat16, kv_dtype=KVDtype.AUTO)  # auto: the activation dtype
     assert engine.budget.bytes_per_token == TINY.kv_bytes_per_token(torch.float32) // 2
     assert engine.runner.cache.k.dtype == torch.bfloat16
     engine.add_request("b", [1, 2, 3, 4], SamplingParams(max_tokens=5, **GREEDY))

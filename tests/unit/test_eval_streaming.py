@@ -63,7 +63,7 @@ def test_sink_stream_agrees_with_full_until_the_first_eviction_and_holds_flat_me
     assert sink.nll[:first] == pytest.approx(full.nll[:first], abs=1e-4)  # positions 1..p_0 see everything
     differ = [abs(a - b) > 1e-3 for a, b in zip(sink.nll[first:], full.nll[first:])]
     assert sum(differ) > 0.9 * len(differ)  # past it, the evicted tokens are gone
-    per_token = TINY.kv_bytes_per_token(torch.float32)
+    per_token = TINY.kv_bytes_per_token(EngineConfig().cache_dtype)
     assert [c.kv_bytes for c in sink.checkpoints] == [first * per_token] * 2  # flat from 150 to 400 tokens
     assert full.checkpoints[1].kv_bytes == 400 * per_token > full.checkpoints[0].kv_bytes
     for c in sink.checkpoints:
@@ -76,14 +76,15 @@ def test_sink_stream_agrees_with_full_until_the_first_eviction_and_holds_flat_me
 def test_window_only_keeps_no_sinks(model, ids):
     window = stream_ppl(model, TINY, EngineConfig(), ids, "window", SINKS, WINDOW, CHUNK, [400])
     kept = SinkWindow.from_tokens(0, WINDOW, 16)
-    assert window.checkpoints[0].kv_bytes == kept.max_cache_len * TINY.kv_bytes_per_token(torch.float32)
+    assert window.checkpoints[0].kv_bytes == kept.max_cache_len * TINY.kv_bytes_per_token(EngineConfig().cache_dtype)
 
 
 def test_decode_speed_reports_each_checkpoint_with_flat_memory(model, ids):
     rows = decode_speed(model, TINY, EngineConfig(), ids, SINKS, WINDOW, [120, 400], span=40)
     assert [r[0] for r in rows] == [120, 400]
     kept = SinkWindow.from_tokens(SINKS, WINDOW, 16)
-    assert all(0 < held <= kept.max_cache_len * TINY.kv_bytes_per_token(torch.float32) for _, _, held in rows)
+    per_token = TINY.kv_bytes_per_token(EngineConfig().cache_dtype)
+    assert all(0 < held <= kept.max_cache_len * per_token for _, _, held in rows)
     assert all(rate > 0 for _, rate, _ in rows)
 
 

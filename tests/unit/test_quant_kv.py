@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from freehold.layers.attention import AttentionMetadata, KVCache, paged_attention
-from freehold.config import ModelConfig
+from freehold.config import KVDtype, ModelConfig
 from freehold.quant.kv_int8 import Int8KVCache
 
 LAYERS, BLOCKS, BLOCK, KVH, D = 2, 6, 4, 2, 16
@@ -92,7 +92,8 @@ def test_engine_decodes_through_an_int8_cache_like_a_full_recompute():
     from tests.conftest import TINY, TINY_EOS, tiny_model
     model = tiny_model()
     cache = Int8KVCache(TINY.num_layers, 64, 16, TINY.num_kv_heads, TINY.head_dim, torch.float32, "cpu")
-    config = EngineConfig(kv_cache_memory=64 * 16 * TINY.kv_bytes_per_token(torch.float32), max_num_batched_tokens=32)
+    config = EngineConfig(kv_dtype=KVDtype.INT8, kv_cache_memory=64 * 16 * TINY.kv_bytes_per_token(torch.int8),
+                          max_num_batched_tokens=32)
     engine = Engine(model, TINY, [TINY_EOS], config, kv_cache=cache)
     prompts = {str(i): [int(t) for t in torch.randint(0, TINY.vocab_size - 1, (5 + 17 * i,))] for i in range(3)}
     for rid, prompt in prompts.items():  # 5, 22 and 39 tokens: the longer ones prefill in chunks over the cache
@@ -139,3 +140,17 @@ def test_kv_dtype_must_be_a_kv_dtype():
     from freehold.errors import InvalidRequestError
     with pytest.raises(InvalidRequestError, match="kv_dtype must be a KVDtype"):
         EngineConfig(kv_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("device, activation, kernel, want", [
+    ("cpu", torch.float32, True, torch.bfloat16),  # the CPU default where the native attention kernel runs
+    ("cpu", torch.float32, False, torch.float32),  # no kernel: prompt chunks would take SDPA, so no bf16 by default
+    ("cpu", torch.bfloat16, True, torch.bfloat16),
+    ("cuda", torch.float32, True, torch.float32),
+    ("cuda", torch.float16, True, torch.float16)])
+def test_auto_kv_dtype_is_bf16_only_on_cpu_with_fp32_activations_and_the_kernel(device, activation, kernel, want,
+                                                                                monkeypatch):
+    from freehold.kernels import native
+    monkeypatch.setattr(native, "paged_attention", lambda: object() if kernel else None)
+    assert KVDtype.AUTO.storage_dtype(activation, device) == want
+    assert KVDtype.FP32.storage_dtype(activation, device) == torch.float32  # explicit dtypes stay what they say

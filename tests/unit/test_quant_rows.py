@@ -98,13 +98,16 @@ def sequence(num_prompt: int, num_output: int = 0, num_cached: int = 0) -> Seque
     return seq
 
 
-def test_runner_marks_decode_rows_by_each_rows_own_sequence():
+@pytest.mark.parametrize("rows_attend_alone", [False, True])
+def test_runner_marks_decode_rows_by_each_rows_own_sequence(rows_attend_alone):
     runner = tiny_engine().runner
+    runner.rows_attend_alone = rows_attend_alone  # True: every chunk here goes to the kernel, packed in order
     long, n = GEMM_MIN_PROMPT_TOKENS, GEMM_MIN_PROMPT_TOKENS + 100
     chunks = (ScheduledChunk(sequence(long, 3), 0, long + 3),  # recomputed after preemption: prompt + 3 outputs
               ScheduledChunk(sequence(2, 1), 2, 1),  # a decode step
               ScheduledChunk(sequence(20), 0, 20),  # a short prompt: decode rows too
               ScheduledChunk(sequence(n, num_cached=101), 101, n - 101),  # long, but 101 tokens came from the cache
               ScheduledChunk(sequence(n), 0, 50))  # the first chunk of a long prompt
-    want = [True] + [False] * long + [True] * 3 + [True] * 20 + [True] * (n - 101) + [False] * 50
-    assert runner.prepare_input(chunks).decode_rows.tolist() == want  # decode chunks are packed first
+    rows = [[False] * long + [True] * 3, [True], [True] * 20, [True] * (n - 101), [False] * 50]  # per chunk
+    order = range(5) if rows_attend_alone else (1, 0, 2, 3, 4)  # else decode chunks are packed first
+    assert runner.prepare_input(chunks).decode_rows.tolist() == [r for i in order for r in rows[i]]

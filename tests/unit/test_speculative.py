@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from freehold.config import EngineConfig, SpeculativeMode
+from freehold.config import EngineConfig, KVDtype, SpeculativeMode
 from freehold.engine.speculation import Speculator
 from freehold.errors import InvalidRequestError
 from freehold.spec.ngram import NgramIndex
@@ -267,6 +267,7 @@ def test_metrics_report_acceptance_rate_and_mean_accepted_length():
 def draft_engine(model, draft, draft_cfg=TINY, **options):
     from freehold.engine.engine import Engine
     options.setdefault("kv_cache_memory", 64 * TINY.kv_bytes_per_token(torch.float32) * 16)
+    options.setdefault("kv_dtype", KVDtype.FP32)  # as tiny_engine's, which the outputs are compared with
     config = EngineConfig(speculative=SpeculativeMode.DRAFT, **options)
     return Engine(model, TINY, [255], config, draft=(draft, draft_cfg, 0.3))
 
