@@ -96,9 +96,11 @@ def test_a_prompt_split_into_any_chunks_gives_bit_identical_output(auto_llm, cor
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5)
 
     def generate(budget: int, repeat: int = 1) -> list[list[tuple]]:
+        """-> each round's outputs, in prompt order, one after the other."""
         config = EngineConfig(kv_cache_memory=256 << 20, max_num_batched_tokens=budget)
         engine = Engine(auto_llm.loaded.model, auto_llm.loaded.config, auto_llm.tokenizer.eos_token_ids, config)
         assert engine.runner.rows_attend_alone and engine.runner.cache.k.dtype == torch.bfloat16
+        rounds = []
         for _ in range(repeat):
             hits = engine.pool.num_hits
             out = {str(i): [] for i in range(len(prompts))}
@@ -107,13 +109,14 @@ def test_a_prompt_split_into_any_chunks_gives_bit_identical_output(auto_llm, cor
             while engine.has_unfinished():
                 for o in engine.step():
                     out[o.request_id] += [(lp.token_id, lp.logprob, lp.top) for lp in o.outputs[0].logprobs]
-        assert repeat == 1 or engine.pool.num_hits > hits  # the last round found cached blocks
-        return list(out.values())
+            assert len(rounds) == 0 or engine.pool.num_hits > hits  # a repeat found cached blocks
+            rounds += list(out.values())
+        return rounds
 
     reference = generate(512)  # 40 + 150 + 300 prompt tokens: at most three chunks
     assert generate(64) == reference  # the long prompts split into several chunks, beside the others' decode rows
-    assert generate(100) == reference
-    assert generate(100, repeat=2)[:2] == reference[:2]  # the second time from the prefix cache
+    twice = generate(100, repeat=2)
+    assert twice[:3] == reference and twice[3:5] == reference[:2]  # the second time from the prefix cache
 
 
 def greedy_answers(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
