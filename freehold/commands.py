@@ -134,7 +134,8 @@ def evaluate(args: argparse.Namespace) -> int:
     print(file=sys.stderr)
     kv = str(config.cache_dtype).removeprefix("torch.")
     print(f"perplexity {result.perplexity:.4f} (weights {args.weights}, KV {args.kv_dtype}: {kv}) over "
-          f"{result.num_predicted} predicted tokens ({result.num_windows} windows of {args.window}) in {time.perf_counter() - t0:.1f} s")
+          f"{result.num_predicted} predicted tokens ({result.num_windows} windows of {args.window}) "
+          f"in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
