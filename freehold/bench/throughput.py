@@ -13,7 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-range", default="64,512")
     p.add_argument("--output-range", default="64,256")
     p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="step token budget (default: the engine's; runs before 2026-12-02 used 1024)")
     p.add_argument("--sequential-requests", type=int, default=8,
                    help="one-at-a-time and transformers run this many of the requests (their rate is per token)")
     p.add_argument("--hf-batch", type=int, default=8)
@@ -69,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
     from freehold.config import KVDtype
     from freehold.llm import LLM
     from freehold.quant.modes import WeightMode
+    budget = {} if args.max_num_batched_tokens is None else {"max_num_batched_tokens": args.max_num_batched_tokens}
     llm = LLM(args.model, progress=False, kv_cache_memory=3 << 30, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, weights=WeightMode(args.weights),
-              kv_dtype=KVDtype(args.kv_dtype))
+              weights=WeightMode(args.weights), kv_dtype=KVDtype(args.kv_dtype), **budget)
     print(llm.describe())
     work = random_workload(pydoc_token_ids(llm.tokenizer), args.num_requests, _range(args.prompt_range),
                            _range(args.output_range), args.seed)

@@ -144,6 +144,12 @@ def int4_matmul():
 
 
 @functools.cache
+def int4_dequantize_t():
+    """`int4_dequantize_t(packed, sz, wt, N, K)` (see quant_matmul.c): bf16 W^T from int4_matmul's layout, or None."""
+    return _function("quant_matmul", "int4_dequantize_t", [_P, _P, _P, _I64, _I64])
+
+
+@functools.cache
 def bf16_matmul():
     """`bf16_matmul(x, y, w, M, N, K)` (see quant_matmul.c), or None (also on CPUs without AVX512F)."""
     return _function("quant_matmul", "bf16_matmul", [_P, _P, _P, _I64, _I64, _I64], "tables_supported")

@@ -399,3 +399,46 @@ int q8_matmul(const float *x, float *y, const int8_t *q, const _Float16 *d, int6
     return 0;
 #endif
 }
+
+/* ---- int4 -> bf16 W^T, for prompt rows' GEMM ---- */
+
+/* fp32 -> bf16 bits, round to nearest even, subnormals kept (as torch's .to(torch.bfloat16)); a NaN becomes 0xFFFF,
+   as torch's vectorized conversion writes it (its scalar one writes 0x7FC0: NaN bits are not promised). */
+static inline uint16_t bf16_bits(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0xFFFF;
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* packed [N / 64, K, 32] uint8 (the layout int4_matmul reads), sz [K / 32, N] (s, z) bf16 pairs -> wt [K, N] bf16:
+       wt[k, n] = bf16((q[n, k] - 8) s[g, n] + z[g, n]),    g = k / 32
+   the product is exact in fp32 ((q - 8) is an integer in [-8, 7] and s a bf16: at most 11 significant bits, unless
+   it overflows, |s| > 2^125, far above any GGUF or quantize_int4 scale), so the fma rounds once, as
+   freehold.quant.int4's dequantize_t does with a multiply and an add. A plain loop the compiler vectorizes; threads
+   split K. Returns 0; 1 when the shape does not fit the layout (N % 64, K % 32). */
+int int4_dequantize_t(const uint8_t *restrict packed, const uint32_t *restrict sz, uint16_t *restrict wt,
+                      int64_t n_total, int64_t k_total) {
+    if (n_total % ROWS || k_total % GROUP) return 1;
+    int64_t blocks = n_total / ROWS;
+    #pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < k_total; k++) {
+        const uint32_t *szg = sz + (k / GROUP) * n_total;
+        uint16_t *out = wt + k * n_total;
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint8_t *bytes = packed + (b * k_total + k) * (ROWS / 2);
+            const uint32_t *pairs = szg + b * ROWS;
+            uint16_t *row = out + b * ROWS;
+            for (int half = 0; half < 2; half++)  /* rows 0..31: low nibbles; rows 32..63: high nibbles */
+                for (int j = 0; j < ROWS / 2; j++) {
+                    int r = half * (ROWS / 2) + j, q = (bytes[j] >> (4 * half)) & 15;
+                    uint32_t s_bits = pairs[r] << 16, z_bits = pairs[r] & 0xFFFF0000u;
+                    float s, z;
+                    memcpy(&s, &s_bits, 4);
+                    memcpy(&z, &z_bits, 4);
+                    row[r] = bf16_bits(fmaf((float)(q - 8), s, z));
+                }
+        }
+    }
+    return 0;
+}

@@ -20,11 +20,17 @@ Where Freehold's own int4 kernel runs (kernels/quant_matmul.c: CPUs with AVX512-
 kernel for decode rows and takes fp32 activations (no bf16 rounding on that path).
 
 Why a row's path is batch-invariant: the kernels compute each row on its own, and the bf16 GEMM's rows did not
-depend on M in tests/unit/test_quant_rows.py (this host's oneDNN). Why short prompts take the kernels: the
-default model's 120 int4 layers took ~94 ms to dequantize (2 threads, a busy machine), more than the kernels
-spend on up to ~150-190 rows (whole-model forward, kernels vs GEMM: 1 row 7 vs 118 ms, 20 rows 37 vs 131 ms,
-128 rows 210 vs 229 ms, 256 rows 409 vs 333 ms; scratch timing, `row_kinds(DECODE)` vs `row_kinds(PROMPT)`;
-per layer, 576x1536: 160 rows 0.80 vs 0.75 ms, 192x576: 192 rows 0.12 vs 0.14 ms).
+depend on M in tests/unit/test_quant_rows.py (this host's oneDNN). Why short prompts take the kernels: the GEMM
+first rebuilds every layer's W^T in bf16 (the default model's 120 int4 layers: ~19 ms with the native rebuild,
+~80 ms with torch ops), which the kernels beat on short prompts. Prompt time alone, a 2-core AMD EPYC (Zen 4),
+kernels vs GEMM, medians of 6 alternated runs (2026-12-02; docs/performance.md): 16 tokens 26 vs 54 ms, 64 tokens
+84 vs 97 ms, 96 tokens 122 vs 118 ms, 128 tokens 155 vs 136 ms, 192 tokens 245 vs 182 ms: the GEMM wins from
+~100 tokens. The threshold stays above that crossover on purpose: a prompt computed cold on the GEMM and repeated
+with its blocks from the prefix cache computes its short tail on the kernels, so the repeat's output can differ from
+the first run's; below the threshold both runs take the kernels and agree bit for bit (a 150-token prompt in
+tests/integration/test_default_weights.py). A threshold of 128 would trade that for 12-20% less prompt time on
+prompts of 128-191 tokens. (Where the native rebuild cannot run, the torch ops put the crossover itself at ~150-190
+tokens.)
 """
 from __future__ import annotations
 

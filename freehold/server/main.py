@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import uvicorn
 
-from freehold.config import MAX_SPECULATIVE_TOKENS, KVDtype, KVPolicy, SpeculativeMode
+from freehold.config import MAX_SPECULATIVE_TOKENS, EngineConfig, KVDtype, KVPolicy, SpeculativeMode
 from freehold.quant.modes import WeightMode
 from freehold.engine.async_engine import AsyncEngine
 from freehold.errors import FreeholdError
@@ -158,8 +158,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what the KV cache stores: auto = bf16 on CPU (fp32 activations), else the "
                              "activation dtype; fp32 is exact; bf16/fp16 halve and int8 quarters fp32's bytes per "
                              "token, so the same memory holds 2x/4x the tokens")
-    parser.add_argument("--max-num-seqs", type=_positive_int, default=None, help="sequences per step")
-    parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=None, help="tokens per step")
+    parser.add_argument("--max-num-seqs", type=_positive_int, default=None,
+                        help=f"sequences per step (default {EngineConfig.max_num_seqs})")
+    parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
+                        help=f"token budget of one engine step (default {EngineConfig.max_num_batched_tokens})")
     parser.add_argument("--max-model-len", type=_positive_int, default=None,
                         help="context limit in tokens (default: the model's)")
     parser.add_argument("--max-waiting", type=_positive_int, default=256,

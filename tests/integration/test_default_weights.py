@@ -16,7 +16,7 @@ from freehold.engine.memory import create_kv_cache
 from freehold.eval.ppl import default_text, perplexity
 from freehold.layers.attention import AttentionMetadata, PrefillChunk
 from freehold.llm import LLM
-from freehold.quant.compute import RowKind, row_kinds
+from freehold.quant.compute import GEMM_MIN_PROMPT_TOKENS, RowKind, row_kinds
 from freehold.types import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=5)
@@ -77,7 +77,7 @@ class StepRows:
 def test_decode_rows_are_bitwise_batch_invariant_beside_large_prompt_chunks(auto_llm, corpus):
     prompt = corpus[:40]
     alone = decode(fresh_engine(auto_llm), prompt, {})
-    # from step 1 on, a's decode rows share each step with up to 511 rows of other prompts (budget 512)
+    # from step 1 on, a's decode rows share steps with other prompts' rows (a whole 700-token prompt: budget 2048)
     arrivals = {step: [corpus[800 * step: 800 * step + 700]] for step in range(1, 12, 3)}
     engine = fresh_engine(auto_llm)
     spy = StepRows(engine)
@@ -92,7 +92,9 @@ def test_a_prompt_split_into_any_chunks_gives_bit_identical_output(auto_llm, cor
     every prompt row attends through the native kernel, each row on its own, and takes its kind's matmul path, so
     the generated tokens and logprobs do not change by one bit. So does a short prompt whose full blocks come from
     the prefix cache (a long one's tail would then be a short prompt's rows: another matmul path)."""
-    prompts = [corpus[1000:1040], corpus[3000:3150], corpus[6000:6300]]  # a short prompt, two long ones
+    # one chunk at every budget; split, short enough for the kernels' rows (< GEMM_MIN_PROMPT_TOKENS); split, GEMM rows
+    prompts = [corpus[1000:1040], corpus[3000:3150], corpus[6000:6300]]
+    assert 150 < GEMM_MIN_PROMPT_TOKENS <= 300
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5)
 
     def generate(budget: int, repeat: int = 1) -> list[list[tuple]]:

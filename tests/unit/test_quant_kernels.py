@@ -66,6 +66,29 @@ def test_int4_kernel_handles_zero_and_huge_groups():
     within_fp32(y, x.double() @ w.double().T, x, w, terms=96)
 
 
+@pytest.mark.skipif(native.int4_dequantize_t() is None, reason="no C compiler: torch ops rebuild W^T")
+@pytest.mark.parametrize("shape", [(960, 576), (3072, 576), (576, 1536), (64, 32)])
+def test_int4_weight_rebuilt_for_prompt_rows_is_the_torch_ops_bit_for_bit(shape, monkeypatch):
+    """Prompt rows multiply by W^T rebuilt in bf16 for each call; the native rebuild gives the torch ops' bits
+    (the default model's shapes, and a group of huge, zero and tiny weights)."""
+    w = torch.randn(shape) * torch.rand(shape[0], 1) * 3
+    w[0, :32] = torch.tensor([1e30, -1e30, 0.0, 1e-30] * 8)
+    w[1, :32] = 0.0  # a constant group: scale 0
+    w[2, :32] = torch.linspace(-1e-39, 1e-39, 32)  # subnormal scale and min
+    layer = Int4Linear(pack_int4(quantize_int4(w), "cpu"))
+    if not layer.unpackable:
+        pytest.skip("torch packs int4 in another layout on this CPU: prompt rows use its kernel, nothing is rebuilt")
+    rebuilt = layer.dequantize_t(torch.bfloat16)
+    direct = torch.empty(shape[1], shape[0], dtype=torch.bfloat16)  # the kernel itself ran (no silent fallback)
+    assert native.int4_dequantize_t()(layer.packed.data_ptr(), layer.scales_and_zeros.data_ptr(), direct.data_ptr(),
+                                      *shape) == 0
+    assert torch.equal(direct.view(torch.int16), rebuilt.view(torch.int16))
+    monkeypatch.setattr(native, "int4_dequantize_t", lambda: None)  # the torch ops
+    by_torch = layer.dequantize_t(torch.bfloat16)
+    assert torch.equal(rebuilt.view(torch.int16), by_torch.view(torch.int16))
+    assert torch.equal(rebuilt.float().T, layer.dequantize().to(torch.bfloat16).float())  # and what the kernel uses
+
+
 @pytest.mark.skipif(native.bf16_matmul() is None, reason="no C compiler: PyTorch's GEMM is used")
 @pytest.mark.parametrize("m", ROWS)
 def test_bf16_kernel_is_exact_to_fp32_given_bf16_inputs(m):
