@@ -122,7 +122,8 @@ class EngineConfig:
     max_num_seqs: int = 64  # measured: 64 clients halve their TTFT p99 against 32 (docs/performance.md, issue 19)
     # measured against 512: 64 clients arriving together get +17-22% output tok/s and a 33-39% shorter TTFT p99 (fewer
     # steps, each with more prefill beside the decode rows), at the cost of longer decode stalls while such a burst
-    # prefills (ITL p99 ~2.5 s vs ~1-1.6 s); 16 clients within the noise (docs/performance.md, issue 19)
+    # prefills (ITL p99 ~2.5-2.8 s vs ~1-1.6 s); 16 clients within the noise. A small KV pool fills faster at
+    # admission, so its sequences preempt each other sooner (docs/performance.md, issue 19)
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's context length
     enable_prefix_caching: bool = True

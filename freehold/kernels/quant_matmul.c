@@ -1,4 +1,5 @@
-/* Products of fp32 activations with packed weights, for decode rows: y[m, n] = sum_k x[m, k] w[n, k].
+/* Products of fp32 activations with packed weights, for decode rows: y[m, n] = sum_k x[m, k] w[n, k]; and the int4
+   weight rebuilt as bf16 W^T for prompt rows' GEMM (int4_dequantize_t, at the end).
 
    int4, in PyTorch's CPU int4pack layout (freehold/quant/int4_unpack.py), group g = k / 32:
        packed[b][k][j], j < 32: low nibble = code of row 64 b + j, high nibble = code of row 64 b + 32 + j
@@ -414,7 +415,7 @@ static inline uint16_t bf16_bits(float f) {
 /* packed [N / 64, K, 32] uint8 (the layout int4_matmul reads), sz [K / 32, N] (s, z) bf16 pairs -> wt [K, N] bf16:
        wt[k, n] = bf16((q[n, k] - 8) s[g, n] + z[g, n]),    g = k / 32
    the product is exact in fp32 ((q - 8) is an integer in [-8, 7] and s a bf16: at most 11 significant bits, unless
-   it overflows, |s| > 2^125, far above any GGUF or quantize_int4 scale), so the fma rounds once, as
+   it overflows, |s| >= 2^125, far above any GGUF or quantize_int4 scale), so the fma rounds once, as
    freehold.quant.int4's dequantize_t does with a multiply and an add. A plain loop the compiler vectorizes; threads
    split K. Returns 0; 1 when the shape does not fit the layout (N % 64, K % 32). */
 int int4_dequantize_t(const uint8_t *restrict packed, const uint32_t *restrict sz, uint16_t *restrict wt,

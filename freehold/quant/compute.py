@@ -27,10 +27,10 @@ kernels vs GEMM, medians of 6 alternated runs (2026-12-02; docs/performance.md):
 84 vs 97 ms, 96 tokens 122 vs 118 ms, 128 tokens 155 vs 136 ms, 192 tokens 245 vs 182 ms: the GEMM wins from
 ~100 tokens. The threshold stays above that crossover on purpose: a prompt computed cold on the GEMM and repeated
 with its blocks from the prefix cache computes its short tail on the kernels, so the repeat's output can differ from
-the first run's; below the threshold both runs take the kernels and agree bit for bit (a 150-token prompt in
-tests/integration/test_default_weights.py). A threshold of 128 would trade that for 12-20% less prompt time on
-prompts of 128-191 tokens. (Where the native rebuild cannot run, the torch ops put the crossover itself at ~150-190
-tokens.)
+the first run's; below the threshold both runs take the kernels and agree bit for bit when the cached blocks are the
+prompt's own (a 150-token prompt in tests/integration/test_default_weights.py; shared blocks that a longer prompt
+computed on the GEMM are not: docs/performance.md, issue 19). A threshold of 128 would trade that for 12-20% less
+prompt time on prompts of 128-191 tokens.
 """
 from __future__ import annotations
 

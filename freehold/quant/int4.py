@@ -196,8 +196,8 @@ class Int4Linear(nn.Module):
     def dequantize_t(self, dtype: torch.dtype) -> torch.Tensor:
         """W^T [K, N] from the packed codes: (q - 8) * s + z in fp32, rounded once to `dtype` (as the kernel). bf16
         is what prompt rows multiply by, rebuilt for every call: Freehold's kernel writes it in one pass where it
-        runs (kernels/quant_matmul.c, the same bits: tests/unit/test_quant_kernels.py; 3-5x faster than the torch
-        ops below on the default model's shapes, docs/performance.md)."""
+        runs (kernels/quant_matmul.c, the same bits, NaN bits aside: tests/unit/test_quant_kernels.py; 3-5x faster
+        than the torch ops below on the default model's shapes, docs/performance.md)."""
         k, n = self.in_features, self.out_features
         native_layout = self.unpackable and self.scales_and_zeros.dtype == torch.bfloat16  # CPU, the layout it reads
         rebuild = native.int4_dequantize_t() if dtype is torch.bfloat16 and native_layout else None

@@ -54,8 +54,9 @@ def test_greedy_output_is_identical_alone_and_in_a_mixed_batch(spec_llm):
     requests = [(p, greedy) for p in prompts(spec_llm)]
     requests += [(spec_llm.chat_prompt([{"role": "user", "content": "A person as JSON: Ada, 36."}]), constrained)] * 2
     # the prompts' blocks cached first, so that both runs below read the same prefix KV: prompts sharing a prefix
-    # (the chat template's) that start in one step each compute it, on their own matmul path (a >= 192-token prompt's
-    # rows take the GEMM), and the cache keeps whichever copy was registered first (docs/performance.md, issue 19)
+    # (the chat template's) that start in one step each compute it, on their own matmul path (the rows of a prompt
+    # of freehold.quant.compute.GEMM_MIN_PROMPT_TOKENS or more take the GEMM), and the cache keeps the copy
+    # registered first (docs/performance.md, issue 19)
     run(engine, [(p, SamplingParams(max_tokens=1, temperature=0.0)) for p, _ in requests], speculate=False)
     before = engine.stats()
     plain = run(engine, requests, speculate=False)

@@ -67,7 +67,7 @@ def test_int4_kernel_handles_zero_and_huge_groups():
 
 
 @pytest.mark.skipif(native.int4_dequantize_t() is None, reason="no C compiler: torch ops rebuild W^T")
-@pytest.mark.parametrize("shape", [(960, 576), (3072, 576), (576, 1536), (64, 32)])
+@pytest.mark.parametrize("shape", [(960, 576), (576, 576), (3072, 576), (576, 1536), (64, 32)])
 def test_int4_weight_rebuilt_for_prompt_rows_is_the_torch_ops_bit_for_bit(shape, monkeypatch):
     """Prompt rows multiply by W^T rebuilt in bf16 for each call; the native rebuild gives the torch ops' bits
     (the default model's shapes, and a group of huge, zero and tiny weights)."""
