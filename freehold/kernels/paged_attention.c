@@ -8,8 +8,11 @@
    one table, context lengths non-decreasing (each row sees the sequence up to itself). A task is (up to
    MAX_Q / G rows of a run, g, a chunk of CHUNK tokens): every query head of those rows that reads KV head g shares
    each K/V row read, so a run's context is read once per step, not once per row; chunks merge by their softmax
-   statistics (flash-decoding), so one long sequence still keeps every thread busy. Tasks run in parallel (OpenMP,
-   the same libgomp torch uses). A row's arithmetic is the same whatever else is in its task: chunks are fixed by
+   statistics (flash-decoding), so one long sequence still keeps every thread busy. With a bf16 cache and AVX-512,
+   a run of at most WIDE_ROWS rows (a decode row and its drafts, bound by reading the cache) does all its KV heads
+   in the task of g = 0, reading each token's rows of every head as one run (widen_all; the other heads' tasks are
+   empty), where there are at least as many (piece, chunk) tasks as threads. Tasks run in parallel (OpenMP, the
+   same libgomp torch uses). A row's arithmetic is the same whatever else is in its task: chunks are fixed by
    the context length (a row's chunks past its own length are empty and skipped), and its dot products, exponents
    and sums run the same instructions in the same order, so a row gets the same result in any batch or run.
    With AVX-512 and head_dim 64 or 128 a task runs attend_vec (per query: 16 tokens' scores at a time, the V sums in
@@ -17,6 +20,7 @@
    portable attend(); which one depends only on head_dim and the CPU, never on the rows.
    Cache element types: 0 = fp32, 1 = bf16, 2 = int8 with one fp16 scale per (slot, KV head). */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +33,7 @@
 #define AHEAD 32  /* tokens of software prefetch distance */
 #define CHUNK 128  /* tokens per task */
 #define MAX_Q 64  /* query vectors per task: rows x G */
+#define WIDE_ROWS 4  /* a run of at most this many rows reads every KV head's rows in one pass (widen_all) */
 
 static inline float bf16_to_float(uint16_t x) {
     uint32_t bits = (uint32_t)x << 16;
@@ -38,11 +43,13 @@ static inline float bf16_to_float(uint16_t x) {
 }
 
 /* Ask for the (slot, g) row `ahead` tokens early: rows of one head are 1/KVH of each cache line run and blocks
-   are scattered, so the hardware prefetcher alone leaves every row a DRAM round trip. */
+   are scattered, so the hardware prefetcher alone leaves every row a DRAM round trip. Locality 1 (prefetcht2):
+   a batch-64 decode pass over bf16 KV took ~0.9x the time of the non-temporal hint (prefetchnta) on a Zen 4
+   (docs/performance.md, issue 19; measured with bf16 caches only); prefetcht0 was slower in one run. */
 static inline void prefetch_row(const void *cache, int dtype, int64_t slot, int g, int kvh, int d) {
     int elem = dtype == 0 ? 4 : dtype == 1 ? 2 : 1;
     const char *row = (const char *)cache + (slot * kvh + g) * (int64_t)d * elem;
-    for (int off = 0; off < d * elem; off += 64) __builtin_prefetch(row + off, 0, 0);
+    for (int off = 0; off < d * elem; off += 64) __builtin_prefetch(row + off, 0, 1);
 }
 
 /* Cache slot of a sequence's token t: its block from the table, then the offset inside the block. */
@@ -222,13 +229,14 @@ static inline __attribute__((always_inline)) __m512 sum16(__m512 v[16]) {
    as fp32 (the cache in place, or widened once into a buffer: exact), then per query the scores 16 tokens at a time
    (each token's 16-lane products q . k summed by sum16, not one horizontal sum per token), softmax, and
    sum_t p_t V_t for QB queries at a time with their accumulators in registers (attend() keeps them in memory).
-   A query's arithmetic is the same whatever else is in its task (rows, tokens beyond its own length skipped). */
+   A query's arithmetic is the same whatever else is in its task (rows, tokens beyond its own length skipped).
+   `wide`: NULL, or the chunk's bf16 rows of every head already widened by the task (widen_all), used in place. */
 #define QB 4  /* queries per pass over V */
 static inline __attribute__((always_inline)) void attend_vec(
         const float *q, int64_t q_row_stride, Partial *parts, const void *k_cache, const void *v_cache,
         const _Float16 *k_scales, const _Float16 *v_scales, const int dtype, const int64_t *table, int64_t t0,
         const int64_t *lens, int rows, int g, int group, int kv_heads, int block_size, int log2_bs, float scale,
-        const int head_dim) {
+        const int head_dim, const float *wide) {
     enum { V = 16 };
     const int nv = head_dim / V;
     float scores[MAX_Q][CHUNK] __attribute__((aligned(64))), ks[CHUNK], vs[CHUNK], mx[MAX_Q], sum[MAX_Q];
@@ -239,7 +247,12 @@ static inline __attribute__((always_inline)) void attend_vec(
         int64_t m = lens[x] - t0;
         seen[x] = m < 0 ? 0 : m < n ? m : n;
     }
-    for (int64_t t = 0; t < n; t++) {
+    for (int64_t t = 0; wide != NULL && t < n; t++) {  /* bf16 rows widened by the task (widen_all), scale s = 1 */
+        krow[t] = wide + ((int64_t)g * CHUNK + t) * head_dim;
+        vrow[t] = wide + ((int64_t)(kv_heads + g) * CHUNK + t) * head_dim;
+        ks[t] = 1.0f * scale, vs[t] = 1.0f;
+    }
+    for (int64_t t = 0; wide == NULL && t < n; t++) {
         const void *kr = token_row(k_cache, k_scales, dtype, table, t0 + t, n_ctx, block_size, log2_bs, g, kv_heads,
                                    head_dim, &ks[t]);
         const void *vr = token_row(v_cache, v_scales, dtype, table, t0 + t, n_ctx, block_size, log2_bs, g, kv_heads,
@@ -312,6 +325,36 @@ static inline __attribute__((always_inline)) void attend_vec(
             for (int i = 0; i < nv; i++)
                 _mm512_storeu_ps(p.acc + (int64_t)(qi % group) * head_dim + i * V, acc[j][i]);
         }
+    }
+}
+#endif
+
+#ifdef __AVX512F__
+/* bf16 K and V rows of tokens [t0, t0 + n) of every KV head, widened (exactly) into wide[2][kvh][CHUNK][d]: a
+   token's rows of all heads are contiguous in the cache, so a decode task reads them as one run instead of 1/kvh of
+   each line run per task (a batch-64 decode pass over bf16 KV: 0.80-0.91x the time on a Zen 4, docs/performance.md). */
+static void widen_all(const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table, int64_t t0, int64_t n,
+                      int64_t n_ctx, int block_size, int log2_bs, int kvh, int d, float *wide) {
+    int64_t width = (int64_t)kvh * d;
+    for (int64_t t = 0; t < n; t++) {
+        if (t0 + t + AHEAD < n_ctx) {
+            int64_t ahead = slot_of(table, t0 + t + AHEAD, block_size, log2_bs);
+            for (int64_t off = 0; off < width * 2; off += 64) {
+                __builtin_prefetch((const char *)(k_cache + ahead * width) + off, 0, 1);
+                __builtin_prefetch((const char *)(v_cache + ahead * width) + off, 0, 1);
+            }
+        }
+        int64_t slot = slot_of(table, t0 + t, block_size, log2_bs);
+        const uint16_t *kr = k_cache + slot * width, *vr = v_cache + slot * width;
+        for (int g = 0; g < kvh; g++)
+            for (int i = 0; i < d; i += 16) {
+                __m256i kb = _mm256_loadu_si256((const __m256i *)(kr + g * d + i));
+                __m256i vb = _mm256_loadu_si256((const __m256i *)(vr + g * d + i));
+                _mm512_storeu_si512(wide + ((int64_t)g * CHUNK + t) * d + i,
+                                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(kb), 16));
+                _mm512_storeu_si512(wide + ((int64_t)(kvh + g) * CHUNK + t) * d + i,
+                                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(vb), 16));
+            }
     }
 }
 #endif
@@ -391,21 +434,23 @@ int paged_decode_attention(const float *q, float *out, const void *k_cache, cons
     int max_rows = MAX_Q / group;
     int64_t *first = malloc(sizeof(int64_t) * ((size_t)batch + 1)), *task_base = malloc(sizeof(int64_t) * ((size_t)batch + 1));
     int64_t *row_base = malloc(sizeof(int64_t) * ((size_t)batch + 1));
+    unsigned char *short_run = malloc((size_t)batch + 1);  /* piece i is a whole run of at most WIDE_ROWS rows */
     int64_t pieces = 0, run = 0;
-    if (first == NULL || task_base == NULL || row_base == NULL) {
-        free(first), free(task_base), free(row_base);
+    if (first == NULL || task_base == NULL || row_base == NULL || short_run == NULL) {
+        free(first), free(task_base), free(row_base), free(short_run);
         return 2;
     }
     task_base[0] = row_base[0] = 0;
     for (int64_t x = 0; x < batch;) {
         int64_t run_end = runs == NULL ? x + 1 : runs[run + 1];
         if (run_end <= x || run_end > batch) {
-            free(first), free(task_base), free(row_base);
+            free(first), free(task_base), free(row_base), free(short_run);
             return 1;
         }
         int64_t end = run_end - x > max_rows ? x + max_rows : run_end;
         int64_t n = context_lens[end - 1], chunks = n > 0 ? (n + CHUNK - 1) / CHUNK : 1;
         first[pieces] = x;
+        short_run[pieces] = (runs == NULL || x == runs[run]) && end == run_end && end - x <= WIDE_ROWS;
         task_base[pieces + 1] = task_base[pieces] + chunks;
         for (int64_t y = x; y < end; y++) row_base[y + 1] = row_base[y] + chunks;
         pieces++;
@@ -418,20 +463,52 @@ int paged_decode_attention(const float *q, float *out, const void *k_cache, cons
     float *pacc = malloc(sizeof(float) * (size_t)(entries * group * head_dim));
     int status = pm && pl && pacc ? 0 : 2;
     if (status == 0) {
-        #pragma omp parallel for schedule(dynamic)
-        for (int64_t task = 0; task < tasks; task++) {  /* task = (task_base[piece] + chunk) * kv_heads + g */
-            int64_t index = task / kv_heads, piece = 0;
-            int g = (int)(task % kv_heads);
-            while (task_base[piece + 1] <= index) piece++;
-            int64_t chunk = index - task_base[piece], x0 = first[piece];
-            int rows = (int)(first[piece + 1] - x0);
-            Partial parts[MAX_Q];
-            for (int x = 0; x < rows; x++)
-                parts[x] = partial_at(pm, pl, pacc, (row_base[x0 + x] + chunk) * kv_heads + g, group, head_dim);
-            const float *qg = q + (x0 * heads + (int64_t)g * group) * head_dim;
-            const int64_t *table = block_tables + (first[piece + 1] - 1) * max_blocks;
-            int64_t t0 = chunk * CHUNK;
-            /* constant element types and common head sizes: each loop nest compiles for its case */
+#ifdef __AVX512F__
+        /* bf16 cache, a vector head size, every head's rows of a chunk in at most 512 KB (as fp32), and at least as
+           many (piece, chunk) tasks as threads, so that taking a piece's heads together leaves no thread idle */
+        int wide_ok = dtype == 1 && (head_dim == 64 || head_dim == 128) && kv_heads * head_dim <= 512
+                      && task_base[pieces] >= omp_get_max_threads();
+#else
+        int wide_ok = 0;
+#endif
+        #pragma omp parallel
+        {
+            float *wide = NULL;  /* this thread's buffer for widen_all, allocated by its first one-pass task */
+            int wide_failed = 0;
+            #pragma omp for schedule(dynamic)
+            for (int64_t task = 0; task < tasks; task++) {  /* task = (task_base[piece] + chunk) * kv_heads + g */
+                int64_t index = task / kv_heads, piece = 0;
+                while (task_base[piece + 1] <= index) piece++;
+                int64_t chunk = index - task_base[piece], x0 = first[piece], t0 = chunk * CHUNK;
+                int rows = (int)(first[piece + 1] - x0);
+                const int64_t *table = block_tables + (first[piece + 1] - 1) * max_blocks;
+                /* A whole run of a few rows (a decode row and its drafts: bound by reading the cache) takes every KV
+                   head in the task of g = 0, reading each token's rows of all heads as one run (widen_all); the
+                   other tasks of its chunk are empty. A longer run (a prompt chunk, cache-resident) keeps one head
+                   per task. Either way each row computes the same thing, in the same order (a failed allocation
+                   only means the per-head path). */
+                if (wide_ok && short_run[piece] && wide == NULL && !wide_failed) {
+                    wide = malloc(sizeof(float) * 2 * (size_t)kv_heads * CHUNK * head_dim);
+                    wide_failed = wide == NULL;
+                }
+                int one_pass = wide != NULL && short_run[piece];
+                int g_first = (int)(task % kv_heads), g_end = g_first + 1;
+                if (one_pass) {
+                    if (g_first != 0) continue;
+                    g_end = kv_heads;
+#ifdef __AVX512F__
+                    int64_t n_ctx = context_lens[first[piece + 1] - 1], n = n_ctx - t0 < CHUNK ? n_ctx - t0 : CHUNK;
+                    widen_all((const uint16_t *)k_cache, (const uint16_t *)v_cache, table, t0, n, n_ctx, block_size,
+                              log2_bs, kv_heads, head_dim, wide);
+#endif
+                }
+                for (int g = g_first; g < g_end; g++) {
+                    Partial parts[MAX_Q];
+                    for (int x = 0; x < rows; x++)
+                        parts[x] = partial_at(pm, pl, pacc, (row_base[x0 + x] + chunk) * kv_heads + g, group,
+                                              head_dim);
+                    const float *qg = q + (x0 * heads + (int64_t)g * group) * head_dim;
+                    /* constant element types and common head sizes: each loop nest compiles for its case */
 #define ATTEND(DT, HD) attend(qg, (int64_t)heads * head_dim, parts, k_cache, v_cache, k_scales, v_scales, DT, table, \
                               t0, context_lens + x0, rows, g, group, kv_heads, block_size, log2_bs, scale, HD)
 #define ATTEND_DT(DT) do { if (head_dim == 64) ATTEND(DT, 64); else if (head_dim == 128) ATTEND(DT, 128); \
@@ -439,18 +516,26 @@ int paged_decode_attention(const float *q, float *out, const void *k_cache, cons
 #ifdef __AVX512F__
 #define ATTEND_VEC(DT, HD) attend_vec(qg, (int64_t)heads * head_dim, parts, k_cache, v_cache, k_scales, v_scales, \
                                   DT, table, t0, context_lens + x0, rows, g, group, kv_heads, block_size, log2_bs, \
-                                  scale, HD)
-            if (head_dim == 64) {
-                if (dtype == 0) ATTEND_VEC(0, 64); else if (dtype == 1) ATTEND_VEC(1, 64); else ATTEND_VEC(2, 64);
-            } else if (head_dim == 128) {
-                if (dtype == 0) ATTEND_VEC(0, 128); else if (dtype == 1) ATTEND_VEC(1, 128); else ATTEND_VEC(2, 128);
-            } else
+                                  scale, HD, one_pass ? wide : NULL)
+                    if (head_dim == 64) {
+                        if (dtype == 0) ATTEND_VEC(0, 64);
+                        else if (dtype == 1) ATTEND_VEC(1, 64);
+                        else ATTEND_VEC(2, 64);
+                    } else if (head_dim == 128) {
+                        if (dtype == 0) ATTEND_VEC(0, 128);
+                        else if (dtype == 1) ATTEND_VEC(1, 128);
+                        else ATTEND_VEC(2, 128);
+                    } else
 #endif
-            if (dtype == 0) ATTEND_DT(0);
-            else if (dtype == 1) ATTEND_DT(1);
-            else ATTEND_DT(2);
+                    if (dtype == 0) ATTEND_DT(0);
+                    else if (dtype == 1) ATTEND_DT(1);
+                    else ATTEND_DT(2);
+#undef ATTEND_VEC
 #undef ATTEND_DT
 #undef ATTEND
+                }
+            }
+            free(wide);
         }
         #pragma omp parallel for collapse(2) schedule(static)
         for (int b = 0; b < batch; b++)
@@ -464,5 +549,6 @@ int paged_decode_attention(const float *q, float *out, const void *k_cache, cons
     free(first);
     free(task_base);
     free(row_base);
+    free(short_run);
     return status;
 }

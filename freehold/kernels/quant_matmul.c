@@ -31,7 +31,7 @@
 
 #define ROWS 64   /* output rows per int4 block */
 #define GROUP 32  /* k per (s, z) pair */
-#define PREFETCH 8192  /* bytes of software prefetch distance in an int4 block */
+#define PREFETCH 8192  /* bytes of software prefetch distance in an int4 block (all prefetches: prefetcht1) */
 #define PAIR 2         /* activation rows per int4_pair pass */
 #define MT 4      /* activation rows per bf16 pass */
 #define NT 4      /* bf16 table rows per pass */
@@ -66,7 +66,7 @@ static inline __attribute__((always_inline)) void bf16_rows(
         __mmask32 mask = k_total - k >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << (k_total - k)) - 1);
         __m512i wv[NT];
         for (int j = 0; j < nt; j++) {
-            _mm_prefetch((const char *)(w + (j + AHEAD_ROWS) * k_total + k), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + (j + AHEAD_ROWS) * k_total + k), _MM_HINT_T1);
             wv[j] = _mm512_maskz_loadu_epi16(mask, w + j * k_total + k);
         }
         for (int m = 0; m < mt; m++) {
@@ -90,7 +90,7 @@ static inline __attribute__((always_inline)) void q8_rows(
         __m512 w0[NT], w1[NT];
         for (int j = 0; j < nt; j++) {
             const int8_t *row = q + j * k_total + b * GROUP;
-            _mm_prefetch((const char *)(row + AHEAD_ROWS * k_total), _MM_HINT_T0);
+            _mm_prefetch((const char *)(row + AHEAD_ROWS * k_total), _MM_HINT_T1);
             __m512 scale = _mm512_set1_ps((float)d[j * (k_total / GROUP) + b]);
             w0[j] = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)row))));
             w1[j] = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
@@ -167,8 +167,8 @@ static void int4_block(const int8_t *digits, const float *e, const float *xs, co
         __m512i sa[4], sb[4], sc[4];  /* sum_k q * digit, per row */
         for (int i = 0; i < 4; i++) sa[i] = sb[i] = sc[i] = _mm512_setzero_si512();
         for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += 4) {
-            _mm_prefetch((const char *)(block + k * 32 + PREFETCH), _MM_HINT_T0);
-            _mm_prefetch((const char *)(block + k * 32 + PREFETCH + 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(block + k * 32 + PREFETCH), _MM_HINT_T1);
+            _mm_prefetch((const char *)(block + k * 32 + PREFETCH + 64), _MM_HINT_T1);
             __m512i c01 = _mm512_loadu_si512((const void *)(block + k * 32));       /* columns k, k + 1 */
             __m512i c23 = _mm512_loadu_si512((const void *)(block + k * 32 + 64));  /* columns k + 2, k + 3 */
             __m512i r0 = _mm512_permutex2var_epi8(c01, rows_lo, c23);  /* rows 0..15 | 32..47 */
@@ -236,8 +236,8 @@ static void int4_pair(const int8_t *digits, const float *e, const float *xs, con
         __m512i acc0[12], acc1[12];  /* row 0 and row 1: sum q a (0..3), sum q b (4..7), sum q c (8..11) */
         for (int i = 0; i < 12; i++) acc0[i] = acc1[i] = _mm512_setzero_si512();
         for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += 4) {
-            _mm_prefetch((const char *)(block + k * 32 + PREFETCH), _MM_HINT_T0);
-            _mm_prefetch((const char *)(block + k * 32 + PREFETCH + 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(block + k * 32 + PREFETCH), _MM_HINT_T1);
+            _mm_prefetch((const char *)(block + k * 32 + PREFETCH + 64), _MM_HINT_T1);
             __m512i c01 = _mm512_loadu_si512((const void *)(block + k * 32));
             __m512i c23 = _mm512_loadu_si512((const void *)(block + k * 32 + 64));
             __m512i r0 = _mm512_permutex2var_epi8(c01, rows_lo, c23);

@@ -58,9 +58,35 @@ class RowKind(enum.Enum):
 
 
 class _Split(NamedTuple):
-    """A flat batch of both kinds: the row indices of each."""
-    decode: torch.Tensor  # [D] int64
-    prompt: torch.Tensor  # [T - D] int64
+    """A flat batch of both kinds, as runs of consecutive rows of one kind (a step's chunks are contiguous, so a step
+    has few runs): slices instead of index tensors, so that rows are gathered and placed by copies, not scatters."""
+    decode: tuple[slice, ...]
+    prompt: tuple[slice, ...]
+    num_rows: int
+
+
+def _runs(mask: torch.Tensor) -> _Split:
+    """mask [T] bool (True: DECODE) -> the runs of each kind, in order."""
+    t = len(mask)
+    if t == 0:
+        return _Split((), (), 0)
+    edges = [0] + ((mask[1:] != mask[:-1]).nonzero().squeeze(1) + 1).tolist() + [t]
+    starts = mask[edges[:-1]].tolist()
+    runs = [(d, slice(a, b)) for d, a, b in zip(starts, edges, edges[1:])]
+    return _Split(tuple(r for d, r in runs if d), tuple(r for d, r in runs if not d), t)
+
+
+def _gather(x: torch.Tensor, runs: tuple[slice, ...]) -> torch.Tensor:
+    return x[runs[0]] if len(runs) == 1 else torch.cat([x[r] for r in runs])
+
+
+def _place(y: torch.Tensor, rows: torch.Tensor, runs: tuple[slice, ...]) -> None:
+    """y[run] = the next rows of `rows`, run by run (converted to y's dtype)."""
+    start = 0
+    for r in runs:
+        n = r.stop - r.start
+        y[r].copy_(rows[start:start + n])
+        start += n
 
 
 _ROW_KINDS: contextvars.ContextVar[RowKind | _Split | None] = contextvars.ContextVar("row_kinds", default=None)
@@ -74,8 +100,8 @@ def row_kinds(kinds: RowKind | torch.Tensor) -> Iterator[None]:
     if _ROW_KINDS.get() is not None:
         raise RuntimeError("row_kinds blocks do not nest")
     if isinstance(kinds, torch.Tensor):
-        decode, prompt = kinds.nonzero().squeeze(1), (~kinds).nonzero().squeeze(1)
-        kinds = RowKind.PROMPT if len(decode) == 0 else RowKind.DECODE if len(prompt) == 0 else _Split(decode, prompt)
+        split = _runs(kinds)
+        kinds = RowKind.PROMPT if not split.decode else RowKind.DECODE if not split.prompt else split
     token = _ROW_KINDS.set(kinds)
     try:
         yield
@@ -94,10 +120,9 @@ def by_row_kind(x: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Tensor],
     kinds = _ROW_KINDS.get() or RowKind.PROMPT
     if isinstance(kinds, RowKind):
         return kernel(x) if kinds is RowKind.DECODE else gemm(x)
-    decode, prompt = kinds
-    assert len(decode) + len(prompt) == x.shape[0], "a packed call inside row_kinds(mask) must see the flat batch"
-    y_decode = kernel(x[decode])
+    assert kinds.num_rows == x.shape[0], "a packed call inside row_kinds(mask) must see the flat batch"
+    y_decode = kernel(_gather(x, kinds.decode))
     y = y_decode.new_empty(x.shape[0], y_decode.shape[1])
-    y[decode] = y_decode
-    y[prompt] = gemm(x[prompt]).to(y.dtype)
+    _place(y, y_decode, kinds.decode)
+    _place(y, gemm(_gather(x, kinds.prompt)), kinds.prompt)
     return y

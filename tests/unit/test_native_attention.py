@@ -43,8 +43,9 @@ def test_kernel_matches_gather_and_sdpa(kind, monkeypatch):
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
 
 
-def test_a_sequence_gets_the_same_output_in_any_batch(monkeypatch):
-    cache = filled("fp32")
+@pytest.mark.parametrize("kind", ["fp32", "bf16"])
+def test_a_sequence_gets_the_same_output_in_any_batch(kind, monkeypatch):
+    cache = filled(kind)
     tables = torch.stack([torch.randperm(BLOCKS)[:8] for _ in range(6)])
     lens = torch.tensor([120, 7, 64, 33, 128, 90])
     q = torch.randn(6, H, D)
@@ -56,7 +57,10 @@ def test_a_sequence_gets_the_same_output_in_any_batch(monkeypatch):
 
 def runs_batch():
     """Rows of three sequences: one alone, a run of 5 (a token and 4 drafts) crossing a chunk boundary at 128, and
-    a run of 30 rows (a short prompt chunk; more rows than one task holds: 64 / 3 heads per KV head = 21)."""
+    a run of 30 rows (a short prompt chunk; more rows than one task holds: 64 / 3 heads per KV head = 21). With a
+    bf16 cache on AVX-512, a run of at most 4 rows reads every KV head in one pass (widen_all) when the call has at
+    least as many tasks as threads, a longer run one head per task: every row as its own run against the runs of 5
+    and 30 compares the two paths."""
     seqs = [(1, 90), (5, 126), (30, 300)]  # (rows, context of the first row)
     tables, lens, runs = [], [], [0]
     for i, (rows, first) in enumerate(seqs):
@@ -177,3 +181,26 @@ def test_a_query_of_another_shape_is_refused(monkeypatch):
     native.paged_attention.cache_clear()
     with pytest.raises(KernelArgumentError, match="head_dim 64"):
         _decode_attention(0, torch.randn(3, H, 2 * D), cache, meta)
+
+
+def test_head_dim_128_at_the_one_pass_limit_gives_a_row_the_same_bits_alone_or_in_a_run(monkeypatch):
+    """4 KV heads x 128 dims, bf16: the largest layout whose short runs read every head in one pass (4 x 128 <= 512
+    floats per token); the run of 8 rows reads one head per task. Two threads, so each row alone (3 chunks) has at
+    least as many tasks as threads."""
+    torch.manual_seed(0)
+    kvh, d, h, rows = 4, 128, 8, 8
+    cache = KVCache(1, BLOCKS, BS, kvh, d, torch.bfloat16, "cpu")
+    cache.write(0, torch.arange(BLOCKS * BS), torch.randn(BLOCKS * BS, kvh, d) * 2, torch.randn(BLOCKS * BS, kvh, d))
+    tables = torch.randperm(BLOCKS)[:21].repeat(rows, 1)
+    lens, q = torch.arange(300, 300 + rows), torch.randn(rows, h, d)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        together = decode(cache, q, tables, lens, True, monkeypatch, [0, rows])
+        torch.testing.assert_close(together, decode(cache, q, tables, lens, False, monkeypatch), atol=2e-6, rtol=1e-5)
+        assert torch.equal(together, decode(cache, q, tables, lens, True, monkeypatch))  # every row its own run
+        for i in (0, 3, 7):
+            assert torch.equal(decode(cache, q[i:i + 1], tables[i:i + 1], lens[i:i + 1], True, monkeypatch)[0],
+                               together[i]), i
+    finally:
+        torch.set_num_threads(threads)
