@@ -44,7 +44,7 @@ static inline float bf16_to_float(uint16_t x) {
 
 /* Ask for the (slot, g) row `ahead` tokens early: rows of one head are 1/KVH of each cache line run and blocks
    are scattered, so the hardware prefetcher alone leaves every row a DRAM round trip. Locality 1 (prefetcht2):
-   a batch-64 decode pass over bf16 KV took ~0.9x the time of the non-temporal hint (prefetchnta) on a Zen 4
+   a batch-64 decode pass over bf16 KV took 0.80-0.94x the time of the non-temporal hint (prefetchnta) on a Zen 4
    (docs/performance.md, issue 19; measured with bf16 caches only); prefetcht0 was slower in one run. */
 static inline void prefetch_row(const void *cache, int dtype, int64_t slot, int g, int kvh, int d) {
     int elem = dtype == 0 ? 4 : dtype == 1 ? 2 : 1;
@@ -77,6 +77,11 @@ static inline float row_elem(const void *row, int dtype, int i) {
 }
 
 #ifdef __AVX512F__
+/* 16 bf16 values at src widened (exactly) to fp32 at dst */
+static inline void widen16_bf16(const uint16_t *src, float *dst) {
+    _mm512_storeu_si512(dst, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
+}
+
 /* e^x for 16 lanes of x <= 0, relative error ~1e-7 (expf's is ~6e-8): x = n ln2 + r with |r| <= ln2 / 2
    (ln2 split in two so n ln2 is exact), e^r by its Taylor series to r^7 (remainder < 6e-9), times 2^n. */
 static inline __m512 exp_ps(__m512 x) {
@@ -264,10 +269,8 @@ static inline __attribute__((always_inline)) void attend_vec(
             krow[t] = kbuf + t * head_dim, vrow[t] = vbuf + t * head_dim;
             for (int i = 0; i < head_dim; i += V) {
                 if (dtype == 1) {
-                    __m256i kb = _mm256_loadu_si256((const __m256i *)((const uint16_t *)kr + i));
-                    __m256i vb = _mm256_loadu_si256((const __m256i *)((const uint16_t *)vr + i));
-                    _mm512_storeu_si512(kbuf + t * head_dim + i, _mm512_slli_epi32(_mm512_cvtepu16_epi32(kb), 16));
-                    _mm512_storeu_si512(vbuf + t * head_dim + i, _mm512_slli_epi32(_mm512_cvtepu16_epi32(vb), 16));
+                    widen16_bf16((const uint16_t *)kr + i, kbuf + t * head_dim + i);
+                    widen16_bf16((const uint16_t *)vr + i, vbuf + t * head_dim + i);
                 } else {
                     __m128i kb = _mm_loadu_si128((const __m128i *)((const int8_t *)kr + i));
                     __m128i vb = _mm_loadu_si128((const __m128i *)((const int8_t *)vr + i));
@@ -348,12 +351,8 @@ static void widen_all(const uint16_t *k_cache, const uint16_t *v_cache, const in
         const uint16_t *kr = k_cache + slot * width, *vr = v_cache + slot * width;
         for (int g = 0; g < kvh; g++)
             for (int i = 0; i < d; i += 16) {
-                __m256i kb = _mm256_loadu_si256((const __m256i *)(kr + g * d + i));
-                __m256i vb = _mm256_loadu_si256((const __m256i *)(vr + g * d + i));
-                _mm512_storeu_si512(wide + ((int64_t)g * CHUNK + t) * d + i,
-                                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(kb), 16));
-                _mm512_storeu_si512(wide + ((int64_t)(kvh + g) * CHUNK + t) * d + i,
-                                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(vb), 16));
+                widen16_bf16(kr + g * d + i, wide + ((int64_t)g * CHUNK + t) * d + i);
+                widen16_bf16(vr + g * d + i, wide + ((int64_t)(kvh + g) * CHUNK + t) * d + i);
             }
     }
 }
