@@ -33,7 +33,11 @@ def freehold_timings(llm, prompt: list[int], decode_tokens: int) -> tuple[float,
 def llama_cpp_model(path, context: int):
     """The GGUF in llama.cpp (llama-cpp-python) with torch's thread count; logits kept for every position."""
     import torch
-    from llama_cpp import Llama
+    try:
+        from llama_cpp import Llama
+    except ImportError as exc:  # installed, but something it needs is not (llama_cpp imports diskcache, numpy, ...)
+        raise SystemExit(f"llama-cpp-python is installed but does not import ({exc}): install what it lacks, or "
+                         "uninstall it to leave out the llama.cpp row") from None
     threads = torch.get_num_threads()
     return Llama(str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=512, logits_all=True,
                  verbose=False)

@@ -115,3 +115,12 @@ def test_the_started_server_gets_the_kv_dtype(monkeypatch):
     with pytest.raises(Started):
         serve._start_server(parser.parse_args([]))
     assert "--kv-dtype" not in commands[1]
+
+
+def test_a_llama_cpp_that_does_not_import_is_named(monkeypatch):
+    """llama-cpp-python installed without a dependency (it imports diskcache): a message, not a traceback."""
+    import sys
+    from freehold.bench.generate import llama_cpp_model
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` now raises ImportError
+    with pytest.raises(SystemExit, match="llama-cpp-python is installed but does not import"):
+        llama_cpp_model(Path("model.gguf"), 64)
