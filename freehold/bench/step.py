@@ -11,10 +11,13 @@ its time by its callers' totals, not per call path. "rest" holds the embedding l
 concatenations), `nn.Module` dispatch (torch/nn/modules/module.py) and the engine's own Python. cProfile adds a
 cost to every call, which inflates Python-heavy code; the shares take that cost off each function's self time
 (the cost per call = profiled minus unprofiled step time, over the number of calls). ms per category = its share of
-the unprofiled step.
+the unprofiled step. A decode-only step of the default model runs its decoder layers in one native call
+(freehold.models.native_layers): one category, "decoder layers in one native call"; `--python-layers` runs them one
+by one, each kernel in its own category.
 
     freehold bench step                       # batches 1,64, context 512, 20 steps each
     freehold bench step --batches 1,8 --context 128 --steps 5
+    freehold bench step --batches 1 --python-layers
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from freehold.bench.common import pydoc_token_ids, write_results
 
 INT4, LM_HEAD, ATTENTION, ELEMENTWISE = "int4 matmuls", "lm head", "attention", "norms, rope, activations"
 SAMPLING, SCHEDULER, REST = "sampling", "scheduler + input preparation", "rest (Python overhead)"
-CATEGORIES = (INT4, LM_HEAD, ATTENTION, ELEMENTWISE, SAMPLING, SCHEDULER, REST)
+LAYERS = "decoder layers in one native call"  # int4 + attention + norms of a decode-only step: models/native_layers.py
+CATEGORIES = (INT4, LM_HEAD, ATTENTION, ELEMENTWISE, LAYERS, SAMPLING, SCHEDULER, REST)
 WARMUP_STEPS = 2
 
 FuncKey = tuple[str, int, str]  # pstats: (file, first line, name); C functions: ("~", 0, "<built-in ...>")
@@ -55,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=512, help="prompt tokens per sequence (default: 512)")
     p.add_argument("--steps", type=int, default=20, help="decode steps timed, then profiled (default: 20)")
     p.add_argument("--kv-cache-memory", default=None, help="e.g. 3G (default: the engine's default)")
+    p.add_argument("--python-layers", action="store_true",
+                   help="run the decoder layers one by one in Python, each kernel in its category (default: a "
+                        "decode-only step's layers in one native call where it applies, one category)")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
                    help="KV cache dtype (default: the engine's, bf16 on CPU)")
 
@@ -69,9 +76,10 @@ def run(args: argparse.Namespace) -> int:
     options = {"kv_cache_memory": parse_size(args.kv_cache_memory)} if args.kv_cache_memory else {}
     llm = LLM(args.model, progress=False, max_num_seqs=max(batches), kv_dtype=KVDtype(args.kv_dtype), **options)
     print(llm.describe())
+    llm.engine.runner.model.native_layers = not args.python_layers
     corpus = pydoc_token_ids(llm.tokenizer)
     profiles = [profile_decode(llm.engine, _windows(corpus, batch, args.context), args.steps) for batch in batches]
-    extra = {"model": llm.loaded.path.name, "kv_dtype": args.kv_dtype, "profiles": [asdict(p) for p in profiles]}
+    extra = {"model": llm.loaded.path.name, "kv_dtype": args.kv_dtype, "python_layers": args.python_layers, "profiles": [asdict(p) for p in profiles]}
     write_results("step", *step_table(profiles), extra, args.out)
     print("\nshares: cProfile self time by category, its cost per call taken off (cProfile inflates Python overhead); "
           "ms = share x the unprofiled step. Under the profiler a step took "
@@ -188,7 +196,7 @@ def _rules() -> Callable[[FuncKey], str | None]:
     from freehold import kv, sampling
     from freehold.engine import engine, runner, scheduler, sequence
     from freehold.layers import attention, norm, rotary
-    from freehold.models import llama
+    from freehold.models import llama, native_layers
     from freehold.quant import bf16, int4, int4_unpack, q8
     functions = {llama.LlamaForCausalLM.compute_logits: LM_HEAD,  # whatever the lm head's module is
                  llama.MLP.forward: ELEMENTWISE,  # silu(gate) * up; the projections are modules of their own
@@ -201,6 +209,7 @@ def _rules() -> Callable[[FuncKey], str | None]:
                for f, name in functions.items()}
     files = {m.__file__: name for m, name in ((int4, INT4), (int4_unpack, INT4), (q8, LM_HEAD), (bf16, LM_HEAD),
                                               (attention, ATTENTION), (norm, ELEMENTWISE), (rotary, ELEMENTWISE),
+                                              (native_layers, LAYERS),
                                               (scheduler, SCHEDULER), (sequence, SCHEDULER))}
     folders = {str(Path(sampling.__file__).parent): SAMPLING, str(Path(kv.__file__).parent): SCHEDULER}
 

@@ -7,7 +7,7 @@ The build uses -march=native and OpenMP; the shared object links libgomp by sona
 runtime torch already loaded (one thread pool). Loading a kernel leaves the process's float environment alone (no
 flush-to-zero: see EXTRA_FLAGS).
 
-The cache key covers the source, the flags, the compiler and the exact target it compiles for on this machine:
+The cache key covers the source and the headers beside it, the flags, the compiler and the exact target it compiles for on this machine:
 the macros the compiler predefines under these flags (its version and one per instruction-set extension that
 -march=native turns on) and the CPU's feature list. A cache directory shared between machines therefore never
 hands one machine an object built for instructions it lacks (a SIGILL cannot be caught in-process, so the key is
@@ -76,7 +76,8 @@ def build(name: str) -> Path | None:
         return None
     source = SOURCE_DIR / f"{name}.c"
     flags = FLAGS + EXTRA_FLAGS.get(name, [])
-    key = hashlib.sha256("\0".join([source.read_text(), *flags, compiler, compiled_for]).encode()).hexdigest()[:16]
+    headers = [h.read_text() for h in sorted(SOURCE_DIR.glob("*.h"))]  # what the sources #include "..."
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, *flags, compiler, compiled_for]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if target.exists():
         return target
@@ -171,3 +172,20 @@ def add_rms_norm():
 def rope():
     """`rope(x, y, cos, sin, tokens, heads, head_dim, stride)` (see rope.c), or None."""
     return _function("rope", "rope", [_P, _P, _P, _P, _I64, _I64, _I64, _I64])
+
+
+@functools.cache
+def silu_mul():
+    """`silu_mul(gu, out, rows, inter)` (see swiglu.c), or None."""
+    return _function("swiglu", "silu_mul", [_P, _P, _I64, _I64])
+
+
+@functools.cache
+def decode_layers():
+    """`decode_layers(kernels, layers, num_layers, dims, step, x, r)` (see decode_layers.c), or None."""
+    return _function("decode_layers", "decode_layers", [_P, _P, _I, _P, _P, _P, _P])
+
+
+def address(fn) -> int:
+    """The C address of a bound kernel (for decode_layers.c, which calls the kernels through pointers)."""
+    return ctypes.cast(fn, ctypes.c_void_p).value

@@ -5,14 +5,19 @@ Shapes: T = tokens in the flat batch, H/KVH = query/KV heads, D = head dim, E = 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from freehold.config import ModelConfig
+from freehold.kernels import native
 from freehold.layers.attention import AttentionMetadata, KVCache, paged_attention
 from freehold.layers.norm import RMSNorm
 from freehold.layers.rotary import RopeTables, RotaryEmbedding
+from freehold.models.native_layers import NativeLayers
+from freehold.quant.compute import all_decode_rows
 
 
 class Attention(nn.Module):
@@ -61,10 +66,21 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(swiglu(self.gate_up_proj(x)))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate | up) -> silu(gate) * up [T, I]: the native kernel on CPU in fp32 (kernels/swiglu.c, also what
+    kernels/decode_layers.c calls), else PyTorch's ops."""
+    kernel = native.silu_mul() if gate_up.device.type == "cpu" and gate_up.dtype == torch.float32 else None
+    if kernel is None or gate_up.dim() != 2:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    gate_up = gate_up.contiguous()
+    out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+    kernel(gate_up.data_ptr(), out.data_ptr(), out.shape[0], out.shape[1])
+    return out
 
 
 class DecoderLayer(nn.Module):
@@ -106,16 +122,31 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                     cfg.rope_scaling, rope_freq_factors)
+        self.native_layers = True  # decode-only steps through kernels/decode_layers.c where it applies
+        self._plans: weakref.WeakKeyDictionary[KVCache, NativeLayers | None] = weakref.WeakKeyDictionary()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 cache: KVCache | None = None, meta: AttentionMetadata | None = None) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, E] (call `compute_logits` on the rows you need)."""
         x = self.model.embed_tokens(input_ids).to(self.model.norm.weight.dtype)  # activations in the engine dtype
         rope = self.rope.tables(positions)  # cos / sin of these positions, shared by every layer
-        residual = None
-        for layer in self.model.layers:
-            x, residual = layer(x, residual, rope, cache, meta)
+        plan = self.native_plan(cache) if meta is not None and meta.num_decode == len(input_ids) else None
+        if plan is not None and x.dtype == torch.float32 and len(input_ids) and all_decode_rows():
+            x, residual = plan.run(x, rope, meta)  # the same kernels as the loop below, without the Python between
+        else:
+            residual = None
+            for layer in self.model.layers:
+                x, residual = layer(x, residual, rope, cache, meta)
         return self.model.norm.add_and_norm(x, residual)[0]
+
+    def native_plan(self, cache: KVCache | None) -> NativeLayers | None:
+        """Every layer in one native call over `cache` (freehold.models.native_layers), or None where it does not
+        apply or `native_layers` is off; built once per cache."""
+        if cache is None or not self.native_layers:
+            return None
+        if cache not in self._plans:
+            self._plans[cache] = NativeLayers.build(self, cache)
+        return self._plans[cache]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, E] -> fp32 logits [N, V]."""

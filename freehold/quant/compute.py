@@ -109,6 +109,12 @@ def row_kinds(kinds: RowKind | torch.Tensor) -> Iterator[None]:
         _ROW_KINDS.reset(token)
 
 
+def all_decode_rows() -> bool:
+    """Whether every row of the current forward pass is a decode row (a `row_kinds(RowKind.DECODE)` block, or a
+    mask that is all True)."""
+    return _ROW_KINDS.get() is RowKind.DECODE
+
+
 def gemm_is_native(x: torch.Tensor) -> bool:
     """Whether prompt rows of x dequantize W for one bf16 GEMM (CPU with native bf16) instead of the int kernel."""
     return x.device.type == "cpu" and native_bf16_gemm()
