@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     llm.engine.runner.model.native_layers = not args.python_layers
     corpus = pydoc_token_ids(llm.tokenizer)
     profiles = [profile_decode(llm.engine, _windows(corpus, batch, args.context), args.steps) for batch in batches]
-    extra = {"model": llm.loaded.path.name, "kv_dtype": args.kv_dtype, "python_layers": args.python_layers, "profiles": [asdict(p) for p in profiles]}
+    extra = {"model": llm.loaded.path.name, "kv_dtype": args.kv_dtype, "python_layers": args.python_layers,
+             "profiles": [asdict(p) for p in profiles]}
     write_results("step", *step_table(profiles), extra, args.out)
     print("\nshares: cProfile self time by category, its cost per call taken off (cProfile inflates Python overhead); "
           "ms = share x the unprofiled step. Under the profiler a step took "

@@ -36,7 +36,7 @@ typedef struct {
     AttentionFn attention;
 } Kernels;
 
-typedef struct {  /* one layer's weights and KV storage (all pointers stay valid while the model lives) */
+typedef struct {  /* one layer's weights and KV storage (the plan in native_layers.py holds them alive) */
     const float *w_in, *w_post;  /* RMSNorm weights [E] */
     const void *qkv, *qkv_sz, *o, *o_sz, *gate_up, *gate_up_sz, *down, *down_sz;  /* packed int4 and (s, z) */
     const float *qkv_bias;  /* [(H + 2 KVH) D] or NULL */

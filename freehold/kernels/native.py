@@ -7,7 +7,8 @@ The build uses -march=native and OpenMP; the shared object links libgomp by sona
 runtime torch already loaded (one thread pool). Loading a kernel leaves the process's float environment alone (no
 flush-to-zero: see EXTRA_FLAGS).
 
-The cache key covers the source and the headers beside it, the flags, the compiler and the exact target it compiles for on this machine:
+The cache key covers the source and the headers beside it, the flags, the compiler and the exact target it compiles
+for on this machine:
 the macros the compiler predefines under these flags (its version and one per instruction-set extension that
 -march=native turns on) and the CPU's feature list. A cache directory shared between machines therefore never
 hands one machine an object built for instructions it lacks (a SIGILL cannot be caught in-process, so the key is
@@ -77,7 +78,8 @@ def build(name: str) -> Path | None:
     source = SOURCE_DIR / f"{name}.c"
     flags = FLAGS + EXTRA_FLAGS.get(name, [])
     headers = [h.read_text() for h in sorted(SOURCE_DIR.glob("*.h"))]  # what the sources #include "..."
-    key = hashlib.sha256("\0".join([source.read_text(), *headers, *flags, compiler, compiled_for]).encode()).hexdigest()[:16]
+    text = "\0".join([source.read_text(), *headers, *flags, compiler, compiled_for])
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if target.exists():
         return target

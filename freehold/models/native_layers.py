@@ -11,7 +11,10 @@ projection an int4 layer in the native kernel's layout (fused qkv and gate/up, n
 a KV cache the native attention reads, and a step whose rows are all decode rows attending alone
 (`meta.num_decode` == T: decoded tokens, draft tokens, short prompts). Anything else (a long prompt's rows, other
 weight formats, CUDA) keeps the Python layers. The plan holds the weights' and the cache's addresses: it is built
-once per cache (`LlamaForCausalLM.native_plan`), holds every tensor it points to, and assumes the model's modules are not replaced afterwards.
+once per cache (`LlamaForCausalLM.native_plan`) and holds an alias of every tensor it points to (memory-safe), but
+it computes with the weights it was built on: it assumes the model's modules and parameters are not replaced
+afterwards. A kernel failure inside the call (out of memory) raises, failing the step, where the layer loop's int4
+layer would fall back to PyTorch's kernel.
 """
 from __future__ import annotations
 
@@ -76,8 +79,9 @@ class NativeLayers:
         cfg, body = model.config, model.model
         fns = (native.int4_matmul(), native.add_rms_norm(), native.rope(), native.silu_mul(),
                native.paged_attention(), native.decode_layers())
-        if any(f is None for f in fns) or body.norm.weight.device.type != "cpu":
+        if any(f is None for f in fns) or body.norm.weight.device.type != "cpu" or not len(body.layers):
             return None
+        eps = body.layers[0].input_layernorm.eps
         e, i, h, kvh, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         layers, held = [], []
         for index, layer in enumerate(body.layers):
@@ -87,7 +91,8 @@ class NativeLayers:
             view = cache.native_view(index)
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             if (None in (qkv, o, gate_up, down, view) or attn.q_norm is not None
-                    or any(w.dtype != torch.float32 or not w.is_contiguous() for w in norms)
+                    or any(w.dtype != torch.float32 or not w.is_contiguous() or w.shape != (e,) for w in norms)
+                    or {layer.input_layernorm.eps, layer.post_attention_layernorm.eps} != {eps}
                     or (qkv.in_features, qkv.out_features) != (e, (h + 2 * kvh) * d)
                     or (o.in_features, o.out_features) != (h * d, e)
                     or (gate_up.in_features, gate_up.out_features) != (e, 2 * i)
@@ -100,10 +105,11 @@ class NativeLayers:
             tensors = [*norms, qkv.packed, qkv.scales_and_zeros, o.packed, o.scales_and_zeros, gate_up.packed,
                        gate_up.scales_and_zeros, down.packed, down.scales_and_zeros, bias, view.k, view.v,
                        view.k_scales, view.v_scales]
+            tensors = [t.detach() if t is not None else None for t in tensors]  # the storage, whatever `.data` becomes
             held += [t for t in tensors if t is not None]
             layers.append(_Layer(*(_ptr(t) for t in tensors)))
         kernels = _Kernels(*(native.address(f) for f in fns[:5]))
-        dims = _Dims(e, i, h, kvh, d, body.layers[0].input_layernorm.eps, d ** -0.5, cache.native_view(0).code,
+        dims = _Dims(e, i, h, kvh, d, eps, d ** -0.5, cache.native_view(0).code,
                      cache.block_size)
         return cls(fns[5], kernels, (_Layer * len(layers))(*layers), dims, cache.native_view(0), held)
 

@@ -78,7 +78,8 @@ def test_decode_layers_give_the_layer_loops_logits(kv_dtype, options):
     want, none, _ = logits_per_step(model, False, PROMPTS, kv_dtype=kv_dtype, **options)
     got, runs, drafted = logits_per_step(model, True, PROMPTS, kv_dtype=kv_dtype, **options)
     assert none == 0 and runs == len(got) > 10  # short prompts attend alone: every step is decode-only
-    assert (drafted > 0) == bool(options)  # with n-gram drafts, runs of several rows per sequence    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert (drafted > 0) == bool(options)  # with n-gram drafts, runs of several rows per sequence
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_decode_layers_add_the_qkv_bias_and_leave_mixed_steps_to_the_loop():
@@ -105,8 +106,13 @@ def test_no_plan_where_a_layer_would_not_take_the_native_kernels():
 def test_swiglu_kernel_matches_the_definition_in_any_batch(inter):
     torch.manual_seed(0)
     gate_up = torch.randn(9, 2 * inter) * 4
-    gate_up[0, :6] = torch.tensor([0.0, -0.0, 90.0, -90.0, 1e-30, -1e-30])
+    gate_up[0, :10] = torch.tensor([0.0, -0.0, 90.0, -90.0, 1e-30, -1e-30, -1e30, float("inf"), float("-inf"),
+                                     float("nan")])
     got = swiglu(gate_up)
     gate, up = gate_up.double().chunk(2, dim=-1)
-    torch.testing.assert_close(got.double(), F.silu(gate) * up, rtol=3e-7, atol=1e-30)
-    assert all(torch.equal(swiglu(gate_up[i:i + 1]), got[i:i + 1]) for i in range(9))  # a row alone: same bits
+    torch.testing.assert_close(got.double(), F.silu(gate) * up, rtol=3e-7, atol=1e-30, equal_nan=True)
+    g, u = gate_up[0, :4], gate_up[0, inter:inter + 4]
+    assert got[0, :4].tolist() == [0.0, 0.0, (g[2] * u[2]).item(), 0.0]  # sigmoid(90) is 1, e^-90 below fp32's range
+    assert got[0, 8].isnan() and got[0, 9].isnan()  # -inf * 0 and NaN, as torch.nn.functional.silu gives them
+    bits = lambda t: t.view(torch.int32)  # noqa: E731  (NaN compares unequal; its bits do not)
+    assert all(torch.equal(bits(swiglu(gate_up[i:i + 1])), bits(got[i:i + 1])) for i in range(9))  # a row alone
