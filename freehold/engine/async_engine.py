@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, NamedTuple
 
 from freehold.engine.engine import Engine, EngineStats
+from freehold.kernels import native
 from freehold.types import RequestOutput, SamplingParams
 
 log = logging.getLogger("freehold.engine")
@@ -96,6 +97,7 @@ class AsyncEngine:
         self._refusal: Exception | None = None  # set by fail_all: later adds end with it at once
         self._dead: EngineDeadError | None = None  # set when the engine thread stopped on an error
         self._dead_lock = threading.Lock()  # orders "enqueue unless dead" against "die and drain the queue"
+        native.release_openmp_threads()  # this thread loaded the model: leave OpenMP's workers to the engine thread
         self._thread = threading.Thread(target=self._loop, name="freehold-engine", daemon=True)
         self._running = True
         self._thread.start()

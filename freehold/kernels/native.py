@@ -191,3 +191,21 @@ def decode_layers():
 def address(fn) -> int:
     """The C address of a bound kernel (for decode_layers.c, which calls the kernels through pointers)."""
     return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+def release_openmp_threads() -> bool:
+    """Release the calling thread's OpenMP worker threads (OpenMP 5's `omp_pause_resource_all`, soft: libgomp frees
+    that thread's pool; a later parallel region on it starts a new one). Returns whether the runtime did it.
+
+    Why: libgomp keeps a pool of workers for every thread that ever ran a parallel region (torch ops and these kernels
+    share one runtime). Once the pools hold more threads than there are CPUs, libgomp stops letting idle workers spin
+    and puts them to sleep after each region, so every kernel call pays a wake-up: a decode step on the server's
+    engine thread, with the model loaded on the main thread, took ~2x as long as on the loading thread
+    (docs/performance.md, issue 19). The server calls this on the threads that are done with torch (the loading
+    thread before the engine thread starts, the embedding and ingest workers when they go idle)."""
+    if sys.platform != "linux":
+        return False
+    try:
+        return ctypes.CDLL("libgomp.so.1").omp_pause_resource_all(1) == 0  # 1 = omp_pause_soft
+    except (OSError, AttributeError):  # another OpenMP runtime, or one without OpenMP 5's pause
+        return False

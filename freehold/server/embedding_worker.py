@@ -22,6 +22,7 @@ from typing import Sequence
 from freehold.embed import EmbedResult, Embedder
 from freehold.embed.tokens import Encoded
 from freehold.errors import FreeholdError
+from freehold.kernels import native
 
 log = logging.getLogger("freehold.server")
 
@@ -70,6 +71,8 @@ class EmbeddingWorker:
                     break
             if ready:
                 self._run(self._take_batch(ready))
+                if not ready and self._queue.empty():  # idle: its OpenMP workers would slow the engine's (native.py)
+                    native.release_openmp_threads()
 
     def _admit(self, job: _Job | None, ready: deque[_Job]) -> bool:
         """Tokenize a job into `ready` (or fail it alone); True when the stop marker came."""

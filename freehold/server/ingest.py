@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from freehold.errors import InvalidRequestError
+from freehold.kernels import native
 from freehold.retrieval.chunking import ChunkingStrategy
 from freehold.retrieval.manager import StoreManager
 from freehold.retrieval.records import FileCounts, FileInput, FileRecord, FileStatus, StoreNotFoundError
@@ -172,6 +173,8 @@ class Retrieval:
     def _ingest_loop(self) -> None:
         while (item := self._work.get()) is not None:
             self._add(*item)
+            if self._work.empty():  # idle: its OpenMP workers would slow the engine's (kernels/native.py)
+                native.release_openmp_threads()
 
     def _add(self, store_id: str, record: FileRecord) -> None:
         key = (store_id, record.file_id)

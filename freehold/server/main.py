@@ -21,6 +21,7 @@ from freehold.config import MAX_SPECULATIVE_TOKENS, EngineConfig, KVDtype, KVPol
 from freehold.quant.modes import WeightMode
 from freehold.engine.async_engine import AsyncEngine
 from freehold.errors import FreeholdError
+from freehold.kernels import native
 from freehold.memory.store import FILENAME as STORE_FILENAME
 from freehold.memory.store import ConversationStore
 from freehold.models.locate import DEFAULT_MODEL_NAME
@@ -305,6 +306,7 @@ def serve(args: argparse.Namespace) -> int:
     _report_cors(cors, api_key)
     config = uvicorn.Config(app, log_level="warning", access_log=False, http=protocol_class(limits),
                             timeout_keep_alive=limits.keep_alive_timeout_s)
+    native.release_openmp_threads()  # torch work on this thread is done (retrieval may have embedded at startup)
     try:
         DrainingServer(config, serving, limits.shutdown_grace_s).run(sockets=[sock])
     finally:

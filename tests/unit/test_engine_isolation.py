@@ -229,3 +229,18 @@ def test_an_admin_call_that_raises_fails_only_that_call():
         assert async_engine.health().ok
     finally:
         async_engine.shutdown()
+
+
+def test_the_creating_thread_releases_its_openmp_workers_before_the_engine_thread_starts(monkeypatch):
+    """The model was loaded on the creating thread: its OpenMP pool would make libgomp put the engine thread's
+    workers to sleep after every kernel call (kernels/native.py, release_openmp_threads)."""
+    from freehold.engine import async_engine as module
+    calls = []
+    monkeypatch.setattr(module.native, "release_openmp_threads",
+                        lambda: calls.append((threading.current_thread(), threading.active_count())))
+    before = threading.active_count()
+    engine = AsyncEngine(tiny_engine())
+    try:
+        assert calls == [(threading.current_thread(), before)]  # on this thread, before the engine's thread exists
+    finally:
+        engine.shutdown()

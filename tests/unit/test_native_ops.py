@@ -95,3 +95,16 @@ def test_rope_kernel_refuses_tables_for_fewer_tokens():
     tables = rotary.tables(torch.tensor([0, 1]))  # two tokens' angles ...
     with pytest.raises(KernelArgumentError, match="RoPE"):
         tables.apply(torch.randn(7, 4, 64))  # ... for seven tokens
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="no OpenMP workers to release with one thread")
+def test_releasing_openmp_threads_ends_this_threads_workers_and_later_regions_run_again():
+    import os
+    tasks = lambda: len(os.listdir("/proc/self/task"))  # noqa: E731  (this process's threads)
+    torch.manual_seed(0)
+    a = torch.randn(512, 512)
+    want = a @ a  # a parallel region: this thread's pool of workers exists
+    before = tasks()
+    assert native.release_openmp_threads()
+    assert tasks() < before
+    assert torch.equal(a @ a, want)  # a new pool, the same result
