@@ -108,3 +108,17 @@ def test_releasing_openmp_threads_ends_this_threads_workers_and_later_regions_ru
     assert native.release_openmp_threads()
     assert tasks() < before
     assert torch.equal(a @ a, want)  # a new pool, the same result
+
+
+def test_importing_freehold_first_sets_a_short_openmp_spin_unless_told_otherwise():
+    """freehold/__init__.py: read by libgomp when torch loads it (a test of the setting, not of its timing)."""
+    import os
+    import subprocess
+    import sys
+    code = "import os, freehold, torch; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    for given, want in ((None, "10000"), ("300000", "300000")):
+        if given is not None:
+            env["GOMP_SPINCOUNT"] = given
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want
