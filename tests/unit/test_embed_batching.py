@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -96,3 +97,20 @@ def test_the_token_budget_splits_merged_requests(embedder, monkeypatch):
         worker.close()
     assert all(r.num_tokens == [7] for r in results)
     assert max(gate.sizes) == 1 and sum(gate.sizes) == 4
+
+
+def test_the_worker_releases_its_openmp_threads_when_it_goes_idle(embedder, monkeypatch):
+    """An idle worker's OpenMP pool would make libgomp sleep the engine thread's workers (kernels/native.py)."""
+    from freehold.server import embedding_worker as module
+    calls: list[str] = []
+    monkeypatch.setattr(module.native, "release_openmp_threads",
+                        lambda: calls.append(threading.current_thread().name))
+    worker = EmbeddingWorker(embedder)
+    try:
+        asyncio.run(worker.embed(["one request"]))
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        worker.close()
+    assert calls == ["freehold-embed"]  # on the worker's thread, once, after its only call

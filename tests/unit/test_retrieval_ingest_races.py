@@ -80,3 +80,23 @@ def test_a_queued_file_detached_is_never_added_and_files_count_once(tmp_path, em
         assert retrieval.file_counts(store, retrieval.stores.get(store).file_counts) == FileCounts(completed=2)
     finally:
         retrieval.close()
+
+
+def test_the_ingest_thread_releases_its_openmp_threads_when_its_queue_empties(tmp_path, embedder, monkeypatch):
+    """An idle ingest thread's OpenMP pool would make libgomp sleep the engine thread's workers (kernels/native.py)."""
+    from freehold.server import ingest as module
+    calls: list[str] = []
+    monkeypatch.setattr(module.native, "release_openmp_threads",
+                        lambda: calls.append(threading.current_thread().name))
+    retrieval = Retrieval(tmp_path, embedder)
+    try:
+        store = retrieval.stores.create("s").id
+        file = retrieval.uploads.add("a.txt", b"Cats are mammals.", "assistants").id
+        retrieval.attach(store, file, None, ChunkingStrategy())
+        deadline = time.monotonic() + 60
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert retrieval.file(store, file).status is FileStatus.COMPLETED
+    finally:
+        retrieval.close()
+    assert calls == ["freehold-ingest"]
