@@ -183,6 +183,12 @@ def silu_mul():
 
 
 @functools.cache
+def silu_mul_bf16():
+    """`silu_mul_bf16(gu, out, rows, inter)` (see swiglu.c: bf16 in and out), or None."""
+    return _function("swiglu", "silu_mul_bf16", [_P, _P, _I64, _I64])
+
+
+@functools.cache
 def decode_layers():
     """`decode_layers(kernels, layers, num_layers, dims, step, x, r)` (see decode_layers.c), or None."""
     return _function("decode_layers", "decode_layers", [_P, _P, _I, _P, _P, _P, _P])

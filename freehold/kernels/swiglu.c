@@ -3,10 +3,32 @@
    sigmoid from e = e^-|g| (never overflows): 1 / (1 + e) for g >= 0, e * (1 / (1 + e)) below, and 0 below -87
    (e^-87 is about fp32's smallest normal, where exp_ps stops; PyTorch's fp32 silu gives -0 there too, and NaN for
    -inf). With AVX-512 every element takes the same 16-lane path (the row's tail masked), so an element's result
-   depends only on its inputs: the same in any batch. Elsewhere the same formula with expf. */
+   depends only on its inputs: the same in any batch. Elsewhere the same formula with expf.
+   silu_mul_bf16 takes bf16 in and gives bf16 out (prompt rows, whose gate/up come from a bf16 GEMM and whose
+   SwiGLU output goes into one): each input widened exactly, the same fp32 arithmetic, the result rounded to the
+   nearest bf16 (ties to even; NaN as 0xFFFF, as PyTorch writes it), so it is bit for bit
+   silu_mul(gu.float()).to(bfloat16), without the two conversions' passes over memory. */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 #include "vec_exp.h"
+
+#ifdef __AVX512F__
+/* silu(g) * u for 16 lanes */
+static inline __m512 silu_mul16(__m512 gv, __m512 uv) {
+    __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gv)));
+    __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    __m512 sig = _mm512_mask_mul_ps(inv, _mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_LT_OQ), e, inv);
+    sig = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(gv, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ), sig);
+    return _mm512_mul_ps(_mm512_mul_ps(gv, sig), uv);
+}
+#endif
+
+static inline float silu_mul1(float g, float u) {
+    float e = expf(-fabsf(g)), inv = 1.0f / (1.0f + e);
+    float sig = g < -87.0f ? 0.0f : g < 0.0f ? e * inv : inv;
+    return g * sig * u;
+}
 
 int silu_mul(const float *gu, float *out, int64_t rows, int64_t inter) {
     #pragma omp parallel for schedule(static) if (rows * inter >= 1 << 15)
@@ -17,19 +39,65 @@ int silu_mul(const float *gu, float *out, int64_t rows, int64_t inter) {
 #ifdef __AVX512F__
         for (; i < inter; i += 16) {
             __mmask16 lanes = (__mmask16)(inter - i >= 16 ? 0xFFFF : (1u << (inter - i)) - 1);
-            __m512 gv = _mm512_maskz_loadu_ps(lanes, g + i), uv = _mm512_maskz_loadu_ps(lanes, u + i);
-            __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gv)));
-            __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-            __m512 sig = _mm512_mask_mul_ps(inv, _mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_LT_OQ), e, inv);
-            sig = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(gv, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ), sig);
-            _mm512_mask_storeu_ps(o + i, lanes, _mm512_mul_ps(_mm512_mul_ps(gv, sig), uv));
+            __m512 r = silu_mul16(_mm512_maskz_loadu_ps(lanes, g + i), _mm512_maskz_loadu_ps(lanes, u + i));
+            _mm512_mask_storeu_ps(o + i, lanes, r);
         }
 #endif
-        for (; i < inter; i++) {
-            float e = expf(-fabsf(g[i])), inv = 1.0f / (1.0f + e);
-            float sig = g[i] < -87.0f ? 0.0f : g[i] < 0.0f ? e * inv : inv;
-            o[i] = g[i] * sig * u[i];
+        for (; i < inter; i++) o[i] = silu_mul1(g[i], u[i]);
+    }
+    return 0;
+}
+
+static inline float bf16_to_float(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {  /* nearest, ties to even; NaN -> 0xFFFF */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    return f != f ? 0xFFFF : (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define SWIGLU_BF16_VEC 1
+static inline __m512 widen16(__mmask16 lanes, const uint16_t *src) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, src)), 16));
+}
+
+static inline __m256i narrow16(__m512 x) {  /* float_to_bf16 on 16 lanes */
+    __m512i bits = _mm512_castps_si512(x);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+    return _mm512_cvtepi32_epi16(r);
+}
+#endif
+
+int silu_mul_bf16(const uint16_t *gu, uint16_t *out, int64_t rows, int64_t inter) {
+    #pragma omp parallel for schedule(static) if (rows * inter >= 1 << 15)
+    for (int64_t t = 0; t < rows; t++) {
+        const uint16_t *g = gu + t * 2 * inter, *u = g + inter;
+        uint16_t *o = out + t * inter;
+        int64_t i = 0;
+#ifdef SWIGLU_BF16_VEC
+        for (; i < inter; i += 16) {
+            __mmask16 lanes = (__mmask16)(inter - i >= 16 ? 0xFFFF : (1u << (inter - i)) - 1);
+            __m512 r = silu_mul16(widen16(lanes, g + i), widen16(lanes, u + i));
+            _mm256_mask_storeu_epi16(o + i, lanes, narrow16(r));
         }
+#elif defined(__AVX512F__)
+        for (; i < inter; i += 16) {  /* the fp32 kernel's arithmetic, scalar conversions around it */
+            int64_t n = inter - i >= 16 ? 16 : inter - i;
+            float gf[16] = {0}, uf[16] = {0}, rf[16];
+            for (int64_t j = 0; j < n; j++) gf[j] = bf16_to_float(g[i + j]), uf[j] = bf16_to_float(u[i + j]);
+            _mm512_storeu_ps(rf, silu_mul16(_mm512_loadu_ps(gf), _mm512_loadu_ps(uf)));
+            for (int64_t j = 0; j < n; j++) o[i + j] = float_to_bf16(rf[j]);
+        }
+#endif
+        for (; i < inter; i++) o[i] = float_to_bf16(silu_mul1(bf16_to_float(g[i]), bf16_to_float(u[i])));
     }
     return 0;
 }

@@ -18,6 +18,7 @@ from freehold.layers.norm import RMSNorm
 from freehold.layers.rotary import RopeTables, RotaryEmbedding
 from freehold.models.native_layers import NativeLayers
 from freehold.quant.compute import all_decode_rows
+from freehold.quant.int4 import Int4Linear
 
 
 class Attention(nn.Module):
@@ -65,9 +66,27 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            return self.down_proj(swiglu(self.gate_up_proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = self._prompt_rows_bf16(x)
+        if h is not None:
+            return self.down_proj(h).to(x.dtype)
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
+
+    def _prompt_rows_bf16(self, x: torch.Tensor) -> torch.Tensor | None:
+        """SwiGLU of prompt rows kept in bf16 between the two GEMMs (gate/up's bf16 output into the kernel, its
+        bf16 output into down's GEMM, which would round it to bf16 anyway): the same bits as the fp32 route, two
+        conversions fewer. None where the rows are not all prompt rows on int4's GEMM path."""
+        gate_up, down = self.gate_up_proj, self.down_proj
+        kernel = native.silu_mul_bf16() if x.dim() == 2 and x.dtype == torch.float32 else None
+        if kernel is None or not isinstance(gate_up, Int4Linear) or not isinstance(down, Int4Linear):
+            return None
+        if not (gate_up.takes_prompt_gemm(x) and down.takes_prompt_gemm(x)):
+            return None
+        gu = gate_up.prompt_gemm(x).contiguous()
+        out = gu.new_empty(gu.shape[0], gu.shape[1] // 2)
+        kernel(gu.data_ptr(), out.data_ptr(), out.shape[0], out.shape[1])
+        return out
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,12 @@ def all_decode_rows() -> bool:
     return _ROW_KINDS.get() is RowKind.DECODE
 
 
+def all_prompt_rows() -> bool:
+    """Whether every row of the current forward pass is a prompt row (a `row_kinds(RowKind.PROMPT)` block, an
+    all-False mask, or no block at all)."""
+    return _ROW_KINDS.get() in (None, RowKind.PROMPT)
+
+
 def gemm_is_native(x: torch.Tensor) -> bool:
     """Whether prompt rows of x dequantize W for one bf16 GEMM (CPU with native bf16) instead of the int kernel."""
     return x.device.type == "cpu" and native_bf16_gemm()
