@@ -17,7 +17,7 @@ from freehold.layers.attention import AttentionMetadata, KVCache, paged_attentio
 from freehold.layers.norm import RMSNorm
 from freehold.layers.rotary import RopeTables, RotaryEmbedding
 from freehold.models.native_layers import NativeLayers
-from freehold.quant.compute import all_decode_rows
+from freehold.quant.compute import all_decode_rows, by_row_kind
 from freehold.quant.int4 import Int4Linear
 
 
@@ -68,25 +68,28 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        h = self._prompt_rows_bf16(x)
-        if h is not None:
-            return self.down_proj(h).to(x.dtype)
+        if self._bf16_between_gemms(x):  # decode rows keep the fp32 route; prompt rows take the bf16 one
+            return by_row_kind(x, self._fp32_route, self._bf16_route, scoped=True)
+        return self._fp32_route(x)
+
+    def _fp32_route(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(swiglu(self.gate_up_proj(x)))
 
-    def _prompt_rows_bf16(self, x: torch.Tensor) -> torch.Tensor | None:
-        """SwiGLU of prompt rows kept in bf16 between the two GEMMs (gate/up's bf16 output into the kernel, its
-        bf16 output into down's GEMM, which would round it to bf16 anyway): the same bits as the fp32 route, two
-        conversions fewer. None where the rows are not all prompt rows on int4's GEMM path."""
+    def _bf16_between_gemms(self, x: torch.Tensor) -> bool:
+        """Whether prompt rows can stay bf16 between the two GEMMs (_bf16_route): int4 on its GEMM path both,
+        fp32 activations, the kernel built."""
         gate_up, down = self.gate_up_proj, self.down_proj
-        kernel = native.silu_mul_bf16() if x.dim() == 2 and x.dtype == torch.float32 else None
-        if kernel is None or not isinstance(gate_up, Int4Linear) or not isinstance(down, Int4Linear):
-            return None
-        if not (gate_up.takes_prompt_gemm(x) and down.takes_prompt_gemm(x)):
-            return None
-        gu = gate_up.prompt_gemm(x).contiguous()
-        out = gu.new_empty(gu.shape[0], gu.shape[1] // 2)
-        kernel(gu.data_ptr(), out.data_ptr(), out.shape[0], out.shape[1])
-        return out
+        return (x.dim() == 2 and x.dtype == torch.float32 and isinstance(gate_up, Int4Linear)
+                and isinstance(down, Int4Linear) and gate_up.has_prompt_gemm(x) and down.has_prompt_gemm(x)
+                and native.silu_mul_bf16() is not None)
+
+    def _bf16_route(self, x: torch.Tensor) -> torch.Tensor:
+        """Prompt rows: gate/up's bf16 GEMM output into the bf16 SwiGLU kernel, its bf16 output into down's GEMM,
+        which would round it to bf16 anyway: the bits of _fp32_route, two conversion passes fewer."""
+        gu = self.gate_up_proj.prompt_gemm(x).contiguous()
+        h = gu.new_empty(gu.shape[0], gu.shape[1] // 2)
+        native.silu_mul_bf16()(gu.data_ptr(), h.data_ptr(), h.shape[0], h.shape[1])
+        return self.down_proj.prompt_gemm(h).to(x.dtype)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

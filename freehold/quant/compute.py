@@ -115,26 +115,31 @@ def all_decode_rows() -> bool:
     return _ROW_KINDS.get() is RowKind.DECODE
 
 
-def all_prompt_rows() -> bool:
-    """Whether every row of the current forward pass is a prompt row (a `row_kinds(RowKind.PROMPT)` block, an
-    all-False mask, or no block at all)."""
-    return _ROW_KINDS.get() in (None, RowKind.PROMPT)
-
-
 def gemm_is_native(x: torch.Tensor) -> bool:
     """Whether prompt rows of x dequantize W for one bf16 GEMM (CPU with native bf16) instead of the int kernel."""
     return x.device.type == "cpu" and native_bf16_gemm()
 
 
 def by_row_kind(x: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Tensor],
-                gemm: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """x: [T, K] -> [T, N]: kernel(decode rows), gemm(prompt rows), in the kernel's output dtype."""
+                gemm: Callable[[torch.Tensor], torch.Tensor], scoped: bool = False) -> torch.Tensor:
+    """x: [T, K] -> [T, N]: kernel(decode rows), gemm(prompt rows), in the kernel's output dtype. `scoped`: the two
+    functions are blocks of several packed calls (an MLP), each run in a scope where all its rows are of its kind,
+    so that the calls inside see only those rows."""
     kinds = _ROW_KINDS.get() or RowKind.PROMPT
     if isinstance(kinds, RowKind):
         return kernel(x) if kinds is RowKind.DECODE else gemm(x)
     assert kinds.num_rows == x.shape[0], "a packed call inside row_kinds(mask) must see the flat batch"
-    y_decode = kernel(_gather(x, kinds.decode))
+    y_decode = _in_scope(scoped, RowKind.DECODE, kernel, _gather(x, kinds.decode))
     y = y_decode.new_empty(x.shape[0], y_decode.shape[1])
     _place(y, y_decode, kinds.decode)
-    _place(y, gemm(_gather(x, kinds.prompt)), kinds.prompt)
+    _place(y, _in_scope(scoped, RowKind.PROMPT, gemm, _gather(x, kinds.prompt)), kinds.prompt)
     return y
+
+
+def _in_scope(scoped: bool, kind: RowKind, fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor):
+    token = _ROW_KINDS.set(kind) if scoped else None
+    try:
+        return fn(rows)
+    finally:
+        if token is not None:
+            _ROW_KINDS.reset(token)

@@ -24,7 +24,7 @@ from torch import nn
 from freehold.errors import UnsupportedModelError
 from freehold.kernels import checks, native
 from freehold.models.gguf_loader import GGUFTensor
-from freehold.quant.compute import COMPUTE_DTYPE, all_prompt_rows, by_row_kind, gemm_is_native
+from freehold.quant.compute import COMPUTE_DTYPE, by_row_kind, gemm_is_native
 from freehold.quant.int4_unpack import layout_matches, unpack_codes_t
 
 GROUP_SIZE = 32  # GGUF Q4_0 / Q4_1 block size; also the smallest group the kernels accept
@@ -171,15 +171,14 @@ class Int4Linear(nn.Module):
         y = y.to(x.dtype)  # no copy on the decode path (fp32 in, fp32 out)
         return y if bias is None else y + bias.to(x.dtype)
 
-    def prompt_gemm(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x W^T as the bf16 GEMM gives it (bf16 [T, N], not converted back to x's dtype) where every row of x is a
-        prompt row that forward() would send to the GEMM and there is no bias (so forward(x) is exactly this,
-        converted); None elsewhere."""
-        return self._dequantized_gemm(x) if self.takes_prompt_gemm(x) else None
+    def prompt_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """What forward() computes for prompt rows where `has_prompt_gemm(x)`, before converting it back to x's
+        dtype: x W^T as the bf16 GEMM gives it, bf16 [T, N]."""
+        return self._dequantized_gemm(x)
 
-    def takes_prompt_gemm(self, x: torch.Tensor) -> bool:
-        """Whether prompt_gemm(x) applies (every row of x a prompt row on the GEMM path, no bias)."""
-        return self.unpackable and self._buffers["bias"] is None and gemm_is_native(x) and all_prompt_rows()
+    def has_prompt_gemm(self, x: torch.Tensor) -> bool:
+        """Whether forward() sends x's prompt rows to the bf16 GEMM with no bias after it (see prompt_gemm)."""
+        return self.unpackable and self._buffers["bias"] is None and gemm_is_native(x)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         """Decode rows: Freehold's kernel (fp32 out) where the layout is its own, else PyTorch's (bf16 out)."""

@@ -143,26 +143,22 @@ def test_bf16_swiglu_kernel_is_the_fp32_kernel_rounded_to_bf16(inter):
 
 @pytest.mark.skipif(native.silu_mul_bf16() is None or not native_bf16_gemm(), reason="prompt rows take the kernels")
 def test_prompt_rows_keep_bf16_between_the_mlp_gemms_with_the_fp32_routes_bits(monkeypatch):
-    """Prompt rows on int4's GEMM path go gate/up GEMM -> bf16 SwiGLU -> down GEMM without fp32 in between (llama.MLP):
-    the same bits as gate_up -> fp32 SwiGLU -> down, which rounds its input to bf16 anyway. Decode rows and mixed
-    batches keep the fp32 route."""
+    """Prompt rows on int4's GEMM path go gate/up GEMM -> bf16 SwiGLU -> down GEMM without fp32 in between (llama.MLP),
+    also beside decode rows in a mixed batch: the same bits as gate_up -> fp32 SwiGLU -> down, which rounds its input
+    to bf16 anyway. Decode rows keep the fp32 route."""
     mlp = int4_model().model.layers[1].mlp
     calls = []
     kernel = native.silu_mul_bf16()
     monkeypatch.setattr(native, "silu_mul_bf16", lambda: lambda *a: calls.append(a[2]) or kernel(*a))
     torch.manual_seed(2)
     x = torch.randn(37, CFG.hidden_size) * 3
-    fp32_route = mlp.down_proj(swiglu(mlp.gate_up_proj(x)))
     bits = lambda t: t.view(torch.int32)  # noqa: E731
-    for kinds in (None, RowKind.PROMPT):
+    mask = torch.zeros(37, dtype=torch.bool)
+    mask[:5] = mask[30:] = True  # decode rows on both sides of a prompt chunk
+    for kinds, bf16_rows in ((None, [37]), (RowKind.PROMPT, [37]), (RowKind.DECODE, []), (mask, [25])):
+        calls.clear()
         with contextlib.nullcontext() if kinds is None else row_kinds(kinds):
             got = mlp(x)
+            fp32_route = mlp.down_proj(swiglu(mlp.gate_up_proj(x)))
+        assert calls == bf16_rows
         assert got.dtype == torch.float32 and torch.equal(bits(got), bits(fp32_route))
-    assert calls == [37, 37]
-    mask = torch.zeros(37, dtype=torch.bool)
-    mask[:5] = True  # five decode rows ahead of a prompt chunk
-    for kinds in (RowKind.DECODE, mask):
-        with row_kinds(kinds):
-            got, reference = mlp(x), mlp.down_proj(swiglu(mlp.gate_up_proj(x)))
-        assert torch.equal(bits(got), bits(reference))
-    assert calls == [37, 37]
