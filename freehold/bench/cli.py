@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from freehold.bench import (embed, generate, prefix, quant, sampling, serve, spec, step, structured, throughput,
-                            tools, vectors)
+from freehold.bench import (embed, generate, prefill, prefix, quant, sampling, serve, spec, step, structured,
+                            throughput, tools, vectors)
 from freehold.bench.common import DEFAULT_RESULTS_DIR
 
 BENCHMARKS = {
     "generate": (generate, "single-stream prefill/decode tokens/s vs transformers"),
     "throughput": (throughput, "batched engine vs one-at-a-time vs transformers static batches"),
+    "prefill": (prefill, "a burst of prompts prefilled together vs this machine's bf16 GEMM ceiling for it"),
     "prefix": (prefix, "prompt caching: cold vs warm time-to-first-token"),
     "quant": (quant, "weight formats x KV dtypes: memory, perplexity, prefill/decode tok/s, bandwidth roofline"),
     "sampling": (sampling, "sampler overhead per decode step at batch 16"),

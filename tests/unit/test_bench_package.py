@@ -20,7 +20,7 @@ def test_only_freehold_is_packaged():
 
 
 @pytest.mark.parametrize("name", ["generate", "throughput", "prefix", "quant", "sampling", "structured", "serve", "tools",
-                                  "embed", "step"])
+                                  "embed", "step", "prefill"])
 def test_every_bench_takes_an_output_folder(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["bench", name, "--help"])
