@@ -2,15 +2,18 @@
 
 The last first token of a burst waits for every prompt of the burst: its TTFT is at least (burst tokens) / (prefill
 tokens/s). Most of a prompt token's work is the linear layers' matmuls, 2 N K FLOPs per token for each [N, K]
-weight; prompt rows run them as bf16 GEMMs (freehold.quant.compute). So the ceiling is what those GEMMs alone
-would take at the rate this machine's bf16 GEMM reaches on the model's own shapes (`--gemm-rows` rows per call:
-the default step budget), before attention, norms or anything else:
+weight; a prompt's rows run them as bf16 GEMMs (freehold.quant.compute; a prompt with fewer than 192 tokens to
+compute takes the int4 kernels instead, slower per token at that length). The ceiling is what those GEMMs alone would
+take at the rate this machine's bf16 GEMM reaches on the model's own shapes (`--gemm-rows` rows per call, default
+the engine's step budget), with nothing else: no attention, norms or conversions, and not the per-step rebuild of
+each int4 weight as bf16 that the GEMMs need:
     ceiling tok/s = 1 / sum over linear layers of t(GEMM [rows, K] x [K, N]) / rows
-The burst: `--prompts` prompts made as `freehold bench serve` makes its own (windows of the pydoc text with
-`--prompt-range` tokens each, from `--seed`), prefilled together with an empty prompt cache (max_tokens 1),
-`--repeats` times.
+It is the ceiling for prompts computed with the engine's numerics (bf16 GEMMs); 8-bit activations (llama.cpp's
+choice) would change outputs and are not measured here. The burst: `--prompts` prompts made as `freehold bench
+serve` makes its own (windows of the pydoc text of `--input-len` tokens, from `--seed`), prefilled together with an
+empty prompt cache (max_tokens 1), `--repeats` times after a warm-up.
 
-    freehold bench prefill                       # 16 prompts: the burst 16 clients of bench serve send at once
+    freehold bench prefill                       # 16 prompts: a burst like the one 16 clients of bench serve send
     freehold bench prefill --prompts 64          # ... and 64 clients'
 """
 from __future__ import annotations
@@ -29,9 +32,10 @@ from freehold.bench.serve import make_prompts
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--prompts", type=int, default=16, help="prompts in the burst (default: 16)")
-    p.add_argument("--prompt-range", default="64,512", help="prompt tokens, lo,hi (default: 64,512)")
-    p.add_argument("--repeats", type=int, default=3, help="prefills of the burst, and GEMM timings (default: 3)")
-    p.add_argument("--gemm-rows", type=int, default=2048, help="rows per GEMM call of the ceiling (default: 2048)")
+    p.add_argument("--input-len", default="64,512", help="prompt tokens, min,max (default: 64,512, as bench serve)")
+    p.add_argument("--repeats", type=int, default=3, help="timed prefills of the burst (default: 3)")
+    p.add_argument("--gemm-rows", type=int, default=None,
+                   help="rows per GEMM call of the ceiling (default: the engine's max_num_batched_tokens)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -47,7 +51,7 @@ def linear_shapes(model: torch.nn.Module) -> Counter:
 
 
 def gemm_seconds(rows: int, k: int, n: int, repeats: int) -> float:
-    """Median time of one bf16 GEMM [rows, K] x [K, N] on this machine (after one warm-up call)."""
+    """Median time of one bf16 GEMM [rows, K] x [K, N] on this machine (after one warm-up call; at least 3 timed)."""
     x, w = torch.randn(rows, k).bfloat16(), torch.randn(k, n).bfloat16()
     x @ w
     times = []
@@ -70,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     from freehold.types import SamplingParams
     llm = LLM(args.model, progress=False)
     print(llm.describe())
-    lo, hi = (int(v) for v in args.prompt_range.split(","))
+    lo, hi = (int(v) for v in args.input_len.split(","))
+    rows_per_call = args.gemm_rows or llm.engine.config.max_num_batched_tokens
     burst = [text for text, _ in make_prompts(args.model, args.prompts, (lo, hi), args.seed)]
     params = [SamplingParams(max_tokens=1, temperature=0)] * len(burst)
     times = []
@@ -82,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     tokens = sum(len(g.prompt_token_ids) for g in generations)
     measured = statistics.median(times[1:])
     shapes = linear_shapes(llm.engine.runner.model)
-    limit, gflops = ceiling(shapes, args.gemm_rows, args.repeats)
+    limit, gflops = ceiling(shapes, rows_per_call, args.repeats)
     flops_per_token = sum(count * 2 * k * n for (k, n), count in shapes.items())
     rows = [["burst prefilled by the engine (measured)", tokens, measured, tokens / measured,
              flops_per_token * tokens / measured / 1e9, 1.0],
@@ -90,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
              limit / (tokens / measured)]]
     write_results("prefill", ["case", "prompt tokens", "seconds (= last TTFT)", "tok/s", "linear GFLOP/s",
                               "x measured"], rows,
-                  extra={"prompts": args.prompts, "prompt_range": [lo, hi], "gemm_rows": args.gemm_rows,
+                  extra={"prompts": args.prompts, "input_len": [lo, hi], "gemm_rows": rows_per_call,
                          "linear_flops_per_token": flops_per_token,
                          "shapes": {f"{k}x{n}": c for (k, n), c in shapes.items()}, "times": times},
                   out=args.out)

@@ -184,8 +184,8 @@ def silu_mul():
 
 @functools.cache
 def silu_mul_bf16():
-    """`silu_mul_bf16(gu, out, rows, inter)` (see swiglu.c: bf16 in and out), or None."""
-    return _function("swiglu", "silu_mul_bf16", [_P, _P, _I64, _I64])
+    """`silu_mul_bf16(gu, out, rows, inter)` (see swiglu.c: bf16 in and out), or None (also without AVX-512 BW/VL)."""
+    return _function("swiglu", "silu_mul_bf16", [_P, _P, _I64, _I64], "silu_mul_bf16_supported")
 
 
 @functools.cache

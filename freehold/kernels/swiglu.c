@@ -5,12 +5,13 @@
    -inf). With AVX-512 every element takes the same 16-lane path (the row's tail masked), so an element's result
    depends only on its inputs: the same in any batch. Elsewhere the same formula with expf.
    silu_mul_bf16 takes bf16 in and gives bf16 out (prompt rows, whose gate/up come from a bf16 GEMM and whose
-   SwiGLU output goes into one): each input widened exactly, the same fp32 arithmetic, the result rounded to the
-   nearest bf16 (ties to even; NaN as 0xFFFF, as PyTorch writes it), so it is bit for bit
-   silu_mul(gu.float()).to(bfloat16), without the two conversions' passes over memory. */
+   SwiGLU output goes into one): each input widened exactly, the same 16-lane fp32 arithmetic, the result rounded to
+   the nearest bf16 with ties to even as PyTorch rounds, so it is bit for bit silu_mul(gu.float()).to(bfloat16),
+   NaN bits aside (this kernel writes 0xFFFF; PyTorch writes 0xFFFF on its vector path, 0x7FC0 on its scalar one),
+   without the two conversions' passes over memory. Only built with AVX-512 BW and VL (silu_mul_bf16_supported):
+   every CPU with native bf16 GEMMs, the only place it is called, has them. */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 #include "vec_exp.h"
 
 #ifdef __AVX512F__
@@ -48,56 +49,41 @@ int silu_mul(const float *gu, float *out, int64_t rows, int64_t inter) {
     return 0;
 }
 
-static inline float bf16_to_float(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {  /* nearest, ties to even; NaN -> 0xFFFF */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    return f != f ? 0xFFFF : (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
-
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define SWIGLU_BF16_VEC 1
-static inline __m512 widen16(__mmask16 lanes, const uint16_t *src) {
+#define SWIGLU_BF16 1
+static inline __m512 widen16(__mmask16 lanes, const uint16_t *src) {  /* bf16 -> fp32, exact */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, src)), 16));
 }
 
-static inline __m256i narrow16(__m512 x) {  /* float_to_bf16 on 16 lanes */
+static inline __m256i narrow16(__m512 x) {  /* fp32 -> bf16: nearest, ties to even (PyTorch's formula); NaN 0xFFFF */
     __m512i bits = _mm512_castps_si512(x);
     __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd), 16);
     r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
-    return _mm512_cvtepi32_epi16(r);
+    return _mm512_cvtepi32_epi16(r);  /* every lane <= 0xFFFF: truncation keeps it */
 }
+#else
+#define SWIGLU_BF16 0
 #endif
 
+int silu_mul_bf16_supported(void) { return SWIGLU_BF16; }
+
+/* Returns 0; 3 when this build lacks AVX-512 BW/VL (see silu_mul_bf16_supported). */
 int silu_mul_bf16(const uint16_t *gu, uint16_t *out, int64_t rows, int64_t inter) {
+#if !SWIGLU_BF16
+    (void)gu, (void)out, (void)rows, (void)inter;
+    return 3;
+#else
     #pragma omp parallel for schedule(static) if (rows * inter >= 1 << 15)
     for (int64_t t = 0; t < rows; t++) {
         const uint16_t *g = gu + t * 2 * inter, *u = g + inter;
         uint16_t *o = out + t * inter;
-        int64_t i = 0;
-#ifdef SWIGLU_BF16_VEC
-        for (; i < inter; i += 16) {
+        for (int64_t i = 0; i < inter; i += 16) {
             __mmask16 lanes = (__mmask16)(inter - i >= 16 ? 0xFFFF : (1u << (inter - i)) - 1);
             __m512 r = silu_mul16(widen16(lanes, g + i), widen16(lanes, u + i));
             _mm256_mask_storeu_epi16(o + i, lanes, narrow16(r));
         }
-#elif defined(__AVX512F__)
-        for (; i < inter; i += 16) {  /* the fp32 kernel's arithmetic, scalar conversions around it */
-            int64_t n = inter - i >= 16 ? 16 : inter - i;
-            float gf[16] = {0}, uf[16] = {0}, rf[16];
-            for (int64_t j = 0; j < n; j++) gf[j] = bf16_to_float(g[i + j]), uf[j] = bf16_to_float(u[i + j]);
-            _mm512_storeu_ps(rf, silu_mul16(_mm512_loadu_ps(gf), _mm512_loadu_ps(uf)));
-            for (int64_t j = 0; j < n; j++) o[i + j] = float_to_bf16(rf[j]);
-        }
-#endif
-        for (; i < inter; i++) o[i] = float_to_bf16(silu_mul1(bf16_to_float(g[i]), bf16_to_float(u[i])));
     }
     return 0;
+#endif
 }

@@ -73,6 +73,7 @@ class MLP(nn.Module):
         return self._fp32_route(x)
 
     def _fp32_route(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode rows, and every row where the bf16 route does not apply: each projection in x's dtype."""
         return self.down_proj(swiglu(self.gate_up_proj(x)))
 
     def _bf16_between_gemms(self, x: torch.Tensor) -> bool:

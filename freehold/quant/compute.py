@@ -136,7 +136,9 @@ def by_row_kind(x: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Tensor],
     return y
 
 
-def _in_scope(scoped: bool, kind: RowKind, fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor):
+def _in_scope(scoped: bool, kind: RowKind, fn: Callable[[torch.Tensor], torch.Tensor],
+              rows: torch.Tensor) -> torch.Tensor:
+    """fn(rows), inside a scope where every row is of `kind` when `scoped` (the caller's scope restored after)."""
     token = _ROW_KINDS.set(kind) if scoped else None
     try:
         return fn(rows)

@@ -173,7 +173,7 @@ class Int4Linear(nn.Module):
 
     def prompt_gemm(self, x: torch.Tensor) -> torch.Tensor:
         """What forward() computes for prompt rows where `has_prompt_gemm(x)`, before converting it back to x's
-        dtype: x W^T as the bf16 GEMM gives it, bf16 [T, N]."""
+        dtype: x W^T as the bf16 GEMM gives it, bf16 [T, N]. A direct call: no module hooks run."""
         return self._dequantized_gemm(x)
 
     def has_prompt_gemm(self, x: torch.Tensor) -> bool:

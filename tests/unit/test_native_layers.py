@@ -1,7 +1,8 @@
 """Decode-only steps through kernels/decode_layers.c (freehold.models.native_layers) against the layer-by-layer path:
 the same logits bit for bit, step by step, with several sequences, short prompts, draft runs, every KV element type
 and a qkv bias; where the plan does not apply it is not built. The SwiGLU kernel both paths use, against its
-definition, and its bf16 form on prompt rows. The default model's int4 + bf16 KV configuration: tests/integration/test_default_weights.py."""
+definition, and the MLP's bf16 route on prompt rows (the bf16 kernel itself: tests/unit/test_native_ops.py). The
+default model's int4 + bf16 KV configuration: tests/integration/test_default_weights.py."""
 from __future__ import annotations
 
 import contextlib
@@ -118,27 +119,6 @@ def test_swiglu_kernel_matches_the_definition_in_any_batch(inter):
     assert got[0, 8].isnan() and got[0, 9].isnan()  # -inf * 0 and NaN, as torch.nn.functional.silu gives them
     bits = lambda t: t.view(torch.int32)  # noqa: E731  (NaN compares unequal; its bits do not)
     assert all(torch.equal(bits(swiglu(gate_up[i:i + 1])), bits(got[i:i + 1])) for i in range(9))  # a row alone
-
-
-@pytest.mark.skipif(native.silu_mul_bf16() is None, reason="no C compiler")
-@pytest.mark.parametrize("inter", [1536, 40, 17, 1])  # tails of 8, 1 and 1 lanes
-def test_bf16_swiglu_kernel_is_the_fp32_kernel_rounded_to_bf16(inter):
-    """bf16 in, bf16 out: bit for bit silu_mul(gu.float()).to(bfloat16), special values and rounding ties too."""
-    torch.manual_seed(1)
-    gate_up = (torch.randn(9, 2 * inter) * torch.logspace(-3, 3, 9)[:, None]).bfloat16()
-    specials = torch.tensor([0.0, -0.0, 90.0, -90.0, -87.0, 1e-30, -1e-30, -1e30, 3e38, float("inf"), float("-inf"),
-                             float("nan"), 1.0 + 2 ** -7, -(1.0 + 3 * 2 ** -8)]).bfloat16()
-    n = min(len(specials), inter)
-    gate_up[0, :n] = specials[:n]
-    gate_up[1, inter:inter + n] = specials[:n]  # as the up half too (inf * 0, NaN up)
-    out = torch.empty(9, inter, dtype=torch.bfloat16)
-    native.silu_mul_bf16()(gate_up.data_ptr(), out.data_ptr(), 9, inter)
-    bits = lambda t: t.view(torch.int16)  # noqa: E731
-    assert torch.equal(bits(out), bits(swiglu(gate_up.float()).to(torch.bfloat16)))
-    for i in range(9):  # a row alone
-        alone = torch.empty(1, inter, dtype=torch.bfloat16)
-        native.silu_mul_bf16()(gate_up[i:i + 1].contiguous().data_ptr(), alone.data_ptr(), 1, inter)
-        assert torch.equal(bits(alone), bits(out[i:i + 1]))
 
 
 @pytest.mark.skipif(native.silu_mul_bf16() is None or not native_bf16_gemm(), reason="prompt rows take the kernels")

@@ -1,10 +1,12 @@
-"""The small native ops of a decode step (kernels/rope.c, kernels/rms_norm.c) against their PyTorch definitions."""
+"""The small native ops of a step (kernels/rope.c, kernels/rms_norm.c, kernels/swiglu.c's bf16 form) against their
+PyTorch definitions."""
 import pytest
 import torch
 
 from freehold.kernels import native
 from freehold.layers.norm import RMSNorm
 from freehold.layers.rotary import RotaryEmbedding
+from freehold.models.llama import swiglu
 
 
 @pytest.fixture
@@ -122,3 +124,33 @@ def test_importing_freehold_first_sets_a_short_openmp_spin_unless_told_otherwise
             env["GOMP_SPINCOUNT"] = given
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == want
+
+
+@pytest.mark.skipif(native.silu_mul_bf16() is None, reason="no C compiler, or no AVX-512 BW/VL")
+@pytest.mark.parametrize("inter", [1536, 40, 17, 1])  # tails of 8, 1 and 1 lanes
+def test_bf16_swiglu_kernel_is_the_fp32_kernel_rounded_to_bf16(inter):
+    """bf16 in, bf16 out: silu_mul(gu.float()).to(bfloat16) bit for bit, NaN bits aside (PyTorch's own conversion
+    writes two NaN patterns), with special values, rounding ties (sigmoid(g) is exactly 1 above g ~ 17, so rows of
+    large g hold exact products), products that overflow to inf and subnormal results; a row alone too."""
+    torch.manual_seed(1)
+    gate_up = (torch.randn(11, 2 * inter) * torch.logspace(-3, 3, 11)[:, None]).bfloat16()
+    specials = torch.tensor([0.0, -0.0, 90.0, -90.0, -87.0, 1e-30, -1e-30, -1e30, 3e38, float("inf"), float("-inf"),
+                             float("nan"), 1.0 + 2 ** -7, -(1.0 + 3 * 2 ** -8)]).bfloat16()
+    n = min(len(specials), inter)
+    gate_up[0, :n] = specials[:n]  # as gate
+    gate_up[1, inter:inter + n] = specials[:n]  # as up
+    pairs = torch.tensor([[1e-30, 1e-10], [3e38, 2.0], [3e38, -1.5], [2e38, 1.7], [1e-20, -1e-20]]).bfloat16()
+    m = min(len(pairs), inter)
+    gate_up[2, :m], gate_up[2, inter:inter + m] = pairs[:m, 0], pairs[:m, 1]  # subnormal and infinite results
+    out = torch.empty(11, inter, dtype=torch.bfloat16)
+    native.silu_mul_bf16()(gate_up.data_ptr(), out.data_ptr(), 11, inter)
+    want = swiglu(gate_up.float()).to(torch.bfloat16)
+    nan = want.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    if inter >= len(pairs):  # the pairs reach what they are there for
+        assert want[2, 1].isinf() and want[2, 2].isinf() and 0 < want[2, 0].abs() < torch.finfo(torch.bfloat16).tiny
+    for i in range(11):  # a row alone
+        alone = torch.empty(1, inter, dtype=torch.bfloat16)
+        native.silu_mul_bf16()(gate_up[i:i + 1].contiguous().data_ptr(), alone.data_ptr(), 1, inter)
+        assert torch.equal(alone.view(torch.int16), out[i:i + 1].view(torch.int16))
