@@ -86,7 +86,8 @@ class MLP(nn.Module):
 
     def _bf16_route(self, x: torch.Tensor) -> torch.Tensor:
         """Prompt rows: gate/up's bf16 GEMM output into the bf16 SwiGLU kernel, its bf16 output into down's GEMM,
-        which would round it to bf16 anyway: the bits of _fp32_route, two conversion passes fewer."""
+        which would round it to bf16 anyway: the bits of _fp32_route (NaN payloads aside), two conversion passes
+        fewer."""
         gu = self.gate_up_proj.prompt_gemm(x).contiguous()
         h = gu.new_empty(gu.shape[0], gu.shape[1] // 2)
         native.silu_mul_bf16()(gu.data_ptr(), h.data_ptr(), h.shape[0], h.shape[1])
