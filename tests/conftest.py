@@ -46,6 +46,14 @@ def default_llm():
     return LLM(progress=False, kv_cache_memory=256 << 20, weights=WeightMode.FP32, kv_dtype=KVDtype.FP32)
 
 
+@pytest.fixture(scope="session")
+def auto_llm():
+    """The default configuration (weights auto: int4 layers and the Q8_0 table; bf16 KV cache on CPU), as a user
+    gets it; one load shared by the integration tests of the defaults."""
+    from freehold.llm import LLM
+    return LLM(progress=False, kv_cache_memory=256 << 20)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(default_model_file):
     """The default model's tokenizer (a module may define its own `tokenizer` fixture instead)."""

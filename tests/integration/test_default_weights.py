@@ -31,11 +31,6 @@ PROMPTS = ["What is the capital of France?", "Name three primary colors.", "Writ
 
 
 @pytest.fixture(scope="module")
-def auto_llm():
-    return LLM(progress=False, kv_cache_memory=256 << 20)  # the defaults: weights auto
-
-
-@pytest.fixture(scope="module")
 def corpus(auto_llm):
     return auto_llm.tokenizer.encode(default_text()[:40000], add_special_tokens=False)
 

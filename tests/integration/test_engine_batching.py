@@ -1,5 +1,7 @@
-"""Batch invariance on the real default model: 16 prompts generated together (mixed lengths, staggered arrivals,
-a KV budget small enough to force preemption, chunked prefill) equal each prompt generated alone."""
+"""Batch invariance on the real default model in its default configuration (int4 weights, bf16 KV cache): 16 prompts
+generated together (mixed lengths on both matmul paths, staggered arrivals, a KV budget small enough to force
+preemption, chunked prefill) equal each prompt generated alone. The same on a tiny fp32 model:
+tests/unit/test_engine.py."""
 from freehold.config import EngineConfig
 from freehold.engine.engine import Engine
 from freehold.types import SamplingParams
@@ -19,9 +21,9 @@ def run(engine, arrivals):
     return out
 
 
-def test_sixteen_prompts_together_equal_alone(default_llm):
+def test_sixteen_prompts_together_equal_alone(auto_llm):
     from freehold.eval.ppl import default_text
-    llm = default_llm
+    llm = auto_llm
     corpus = llm.tokenizer.encode(default_text()[:60000], add_special_tokens=False)
     prompts = [corpus[i * 700: i * 700 + 20 + 23 * i] for i in range(16)]  # 20..365 tokens
     cfg, model = llm.loaded.config, llm.loaded.model
