@@ -26,7 +26,7 @@ from collections import Counter
 import torch
 
 from freehold.bench.common import write_results
-from freehold.bench.serve import make_prompts
+from freehold.bench.serve import parse_min_max, make_prompts
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,9 +72,11 @@ def ceiling(shapes: Counter, rows: int, repeats: int) -> tuple[float, float]:
 def run(args: argparse.Namespace) -> int:
     from freehold.llm import LLM
     from freehold.types import SamplingParams
+    lo, hi = parse_min_max(args.input_len)
+    if args.prompts < 1 or args.repeats < 1 or (args.gemm_rows is not None and args.gemm_rows < 1):
+        raise SystemExit("--prompts, --repeats and --gemm-rows must be at least 1")
     llm = LLM(args.model, progress=False)
     print(llm.describe())
-    lo, hi = (int(v) for v in args.input_len.split(","))
     rows_per_call = args.gemm_rows or llm.engine.config.max_num_batched_tokens
     burst = [text for text, _ in make_prompts(args.model, args.prompts, (lo, hi), args.seed)]
     params = [SamplingParams(max_tokens=1, temperature=0)] * len(burst)

@@ -119,7 +119,7 @@ def _workload_shape(args: argparse.Namespace) -> tuple[list[int], int, tuple[int
             QUICK["output_len"]
     if args.sweep is not None:
         return levels, SWEEP["num_requests"], SWEEP["input_len"], SWEEP["output_len"]
-    return levels, args.num_requests, _pair(args.input_len), _pair(args.output_len)
+    return levels, args.num_requests, parse_min_max(args.input_len), parse_min_max(args.output_len)
 
 
 def _levels(text: str) -> list[int]:
@@ -132,8 +132,11 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
-def _pair(text: str) -> tuple[int, int]:
-    lo, hi = (int(x) for x in text.split(","))
+def parse_min_max(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise SystemExit(f"expected min,max (two whole numbers), got {text!r}") from None
     if not 1 <= lo <= hi:
         raise SystemExit(f"expected min,max with 1 <= min <= max, got {text!r}")
     return lo, hi

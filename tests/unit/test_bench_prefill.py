@@ -25,3 +25,13 @@ def test_bench_prefill_counts_the_decoder_layers_linear_flops_and_times_their_ge
     assert flops(fused) == flops(expected)
     tokens_per_s, gflops = prefill.ceiling(fused, rows=64, repeats=3)
     assert tokens_per_s > 0 and gflops == pytest.approx(tokens_per_s * flops(fused) / 1e9)
+
+
+@pytest.mark.parametrize("argv, message", [(["--input-len", "abc"], "two whole numbers"),
+                                           (["--input-len", "5,2"], "1 <= min <= max"),
+                                           (["--prompts", "0"], "at least 1")])
+def test_bench_prefill_names_a_bad_argument_before_loading_a_model(argv, message):
+    from freehold.cli import build_parser
+    with pytest.raises(SystemExit) as exit_info:
+        prefill.run(build_parser().parse_args(["bench", "prefill", *argv]))
+    assert message in str(exit_info.value)

@@ -69,4 +69,3 @@ def test_a_c_op_counts_for_its_caller_and_module_dispatch_is_overhead(monkeypatc
 def test_the_bench_is_registered_with_the_issue_defaults():
     args = build_parser().parse_args(["bench", "step"])
     assert (args.batches, args.context, args.steps, args.kv_dtype) == ("1,64", 512, 20, "auto")
-
