@@ -15,9 +15,9 @@
    same libgomp torch uses). A row's arithmetic is the same whatever else is in its task: chunks are fixed by
    the context length (a row's chunks past its own length are empty and skipped), and its dot products, exponents
    and sums run the same instructions in the same order, so a row gets the same result in any batch or run.
-   With AVX-512 and head_dim 64 or 128 a task runs attend_vec (per query: 16 tokens' scores at a time, the V sums in
-   registers; ~1.5x attend()'s speed when the context is in cache, which prompt chunks' runs are), elsewhere the
-   portable attend(); which one depends only on head_dim and the CPU, never on the rows.
+   With AVX-512 and head_dim 64 or 128 a task runs attend_vec (16 tokens' scores at a time for every query in
+   turn, the V sums in registers; ~1.5x attend()'s speed when the context is in cache, which prompt chunks' runs
+   are), elsewhere the portable attend(); which one depends only on head_dim and the CPU, never on the rows.
    Cache element types: 0 = fp32, 1 = bf16, 2 = int8 with one fp16 scale per (slot, KV head). */
 #include <math.h>
 #include <omp.h>
@@ -219,8 +219,9 @@ static inline __attribute__((always_inline)) __m512 sum16(__m512 v[16]) {
 }
 
 /* attend() with AVX-512 for head_dim a multiple of 16 (64 and 128 are compiled): the chunk's K and V rows of head g
-   as fp32 (the cache in place, or widened once into a buffer: exact), then per query the scores 16 tokens at a time
-   (each token's 16-lane products q . k summed by sum16, not one horizontal sum per token), softmax, and
+   as fp32 (the cache in place, or widened once into a buffer: exact), then the scores 16 tokens at a time, each
+   block for every query before the next block (each token's 16-lane products q . k summed by sum16, not one
+   horizontal sum per token; a query's blocks in order, so its arithmetic is the per-query loop's), softmax, and
    sum_t p_t V_t for QB queries at a time with their accumulators in registers (attend() keeps them in memory).
    A query's arithmetic is the same whatever else is in its task (rows, tokens beyond its own length skipped).
    `wide`: NULL, or the chunk's bf16 rows of every head already widened by the task (widen_all), used in place. */
@@ -269,26 +270,49 @@ static inline __attribute__((always_inline)) void attend_vec(
         }
     }
     int nq = rows * group;
-    for (int qi = 0; qi < nq; qi++) {  /* scores, 16 tokens at a time */
-        int64_t own = seen[qi / group];
-        const float *qv = q + (int64_t)(qi / group) * q_row_stride + (int64_t)(qi % group) * head_dim;
-        __m512 m16 = _mm512_set1_ps(-INFINITY);
-        for (int64_t tb = 0; tb < own; tb += 16) {
-            __m512 acc[16];
+    int64_t scored = 0;  /* the task's longest range of tokens */
+    __m512 m16[MAX_Q];  /* per query: the running maximum of its scores, lane by lane */
+    for (int qi = 0; qi < nq; qi++) {
+        m16[qi] = _mm512_set1_ps(-INFINITY);
+        if (seen[qi / group] > scored) scored = seen[qi / group];
+    }
+    /* scores, 16 tokens at a time, block by block for every query: a block's K rows (4-8 KB) stay in L1 for all
+       the queries, where each query read the chunk's rows (32-64 KB) again */
+    for (int64_t tb = 0; tb < scored; tb += 16) {
+        for (int qi = 0; qi < nq; qi++) {
+            int64_t own = seen[qi / group];
+            if (tb >= own) continue;
+            const float *qv = q + (int64_t)(qi / group) * q_row_stride + (int64_t)(qi % group) * head_dim;
             int cnt = own - tb < 16 ? (int)(own - tb) : 16;
-            for (int u = 0; u < 16; u++) {
-                acc[u] = _mm512_setzero_ps();
-                if (u < cnt)
+            __mmask16 valid = (__mmask16)(cnt == 16 ? 0xFFFF : (1u << cnt) - 1);
+            __m512 s;
+            if (cnt == 16) {  /* a full block: no test per token, so the 16 sums stay in registers */
+                __m512 acc[16];
+                for (int u = 0; u < 16; u++) {
+                    acc[u] = _mm512_setzero_ps();
                     for (int i = 0; i < nv; i++)
                         acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(qv + i * V), _mm512_loadu_ps(krow[tb + u] + i * V),
                                                  acc[u]);
+                }
+                s = _mm512_mul_ps(sum16(acc), _mm512_loadu_ps(ks + tb));
+            } else {  /* the same arithmetic for the block's first cnt tokens */
+                __m512 acc[16];
+                for (int u = 0; u < 16; u++) {
+                    acc[u] = _mm512_setzero_ps();
+                    if (u < cnt)
+                        for (int i = 0; i < nv; i++)
+                            acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(qv + i * V),
+                                                     _mm512_loadu_ps(krow[tb + u] + i * V), acc[u]);
+                }
+                s = _mm512_mul_ps(sum16(acc), _mm512_maskz_loadu_ps(valid, ks + tb));
             }
-            __mmask16 valid = (__mmask16)(cnt == 16 ? 0xFFFF : (1u << cnt) - 1);
-            __m512 s = _mm512_mul_ps(sum16(acc), _mm512_maskz_loadu_ps(valid, ks + tb));
             _mm512_store_ps(scores[qi] + tb, s);
-            m16 = _mm512_mask_max_ps(m16, valid, m16, s);
+            m16[qi] = _mm512_mask_max_ps(m16[qi], valid, m16[qi], s);
         }
-        mx[qi] = own ? _mm512_reduce_max_ps(m16) : -INFINITY;
+    }
+    for (int qi = 0; qi < nq; qi++) {
+        int64_t own = seen[qi / group];
+        mx[qi] = own ? _mm512_reduce_max_ps(m16[qi]) : -INFINITY;
         sum[qi] = own ? exp_shifted(scores[qi], own, mx[qi]) : 0.0f;
     }
     for (int q0 = 0; q0 < nq; q0 += QB) {  /* sum_t p_t V_t, QB queries at once */

@@ -147,16 +147,17 @@ def test_fused_model_computes_what_the_unfused_one_does(mode):
 
 
 @pytest.mark.skipif(native.q8_matmul() is None, reason="no C compiler: a Q8_0 table is held as bf16")
-@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("m", ROWS + (6, 11))  # 4 x 4 passes below 6 rows of x, 6 x 3 from 6 on (11: a 5-row tail)
 def test_q8_0_kernel_is_exact_to_fp32(m):
-    t = gguf_q8_0(100, 256)  # 100 rows: not a multiple of the kernel's 4-row step
+    t = gguf_q8_0(101, 256)  # 101 rows: a tail in both kinds of pass (3 or 4 table rows at a time)
     blocks = q8_blocks_from_gguf(t)
     w = t.dequantize()  # the gguf package's reading of the same blocks
     assert torch.equal(blocks.dequantize(), w)
     x = torch.randn(m, 256)
     y = native_q8_matmul(x, blocks)
     within_fp32(y, x.double() @ w.double().T, x, w, terms=256 + 8)
-    assert torch.equal(y[m - 1], native_q8_matmul(x[m - 1:], blocks)[0])  # rows are independent
+    for i in sorted({0, m // 2, m - 1}):  # rows are independent (a 6-row pass, its tail, a row alone)
+        assert torch.equal(y[i], native_q8_matmul(x[i:i + 1], blocks)[0])
     head, emb = Q8Linear(blocks), Q8Embedding(blocks)
     with row_kinds(RowKind.DECODE):
         assert torch.equal(head(x), y)
