@@ -25,9 +25,10 @@ def fp32_ppl(default_llm, ids):
 
 
 @pytest.fixture(scope="module")
-def load():
-    """Each weight mode's model loaded once for the module."""
-    models = {}
+def load(auto_llm):
+    """Each weight mode's model loaded once for the module; AUTO is the session's load_model(weights=AUTO)
+    (tests/conftest.py), which these tests only read."""
+    models = {WeightMode.AUTO: auto_llm.loaded}
 
     def get(mode: WeightMode):
         if mode not in models:

@@ -2,7 +2,8 @@
 previous_response_id (the model sees exactly what a stateless request with the same items would show it); the
 Conversations API and responses appended to a conversation; two concurrent turns on one conversation, serialized;
 the 404 / 400 cases (an earlier output item sent back as input, too); a server's data directory after `kill -9`
-mid-turn holding exactly the committed turns; and `freehold chat --session` resumed across two runs."""
+mid-turn holding exactly the committed turns (that server, started with --embedding-model none, also shows the
+embeddings route off); and `freehold chat --session` resumed across two runs."""
 from __future__ import annotations
 
 import io
@@ -157,6 +158,10 @@ def test_a_conversation_survives_kill_9_mid_turn() -> None:
     data_dir = tempfile.mkdtemp(prefix="freehold-conv-")
     first = _own_server(data_dir)
     try:
+        # this server runs with --embedding-model none: the embeddings route is off, saying why (checked here,
+        # not on a server of test_server_embeddings.py's own: one server start fewer)
+        response = httpx.post(f"{first.base_url}/embeddings", json={"input": "x"}, timeout=30)
+        assert response.status_code == 404 and "--embedding-model none" in response.json()["error"]["message"]
         c = openai.OpenAI(base_url=first.base_url, api_key="unused", max_retries=0, timeout=120)
         conv = c.conversations.create()
         kept = c.responses.create(input="Say hello.", conversation=conv.id, **SMALL)

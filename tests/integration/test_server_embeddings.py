@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from freehold.embed import Embedder
-from tests.integration.conftest import API_KEY, start_server, stop_server
+from tests.integration.conftest import API_KEY
 
 NAME = "all-MiniLM-L6-v2"
 TEXTS = ["The cat sat on the mat.", "Ça va très bien, merci !", "retrieval augmented generation"]
@@ -136,10 +136,5 @@ def test_the_api_key_applies(keyed_server):
     assert keyed_server.api_key == API_KEY
 
 
-def test_embedding_model_none_disables_the_route():
-    s = start_server("--kv-cache-memory", "16M", "--max-model-len", "256", "--embedding-model", "none")
-    try:
-        response = httpx.post(f"{s.base_url}/embeddings", json={"input": "x"}, timeout=30)
-        assert response.status_code == 404 and "--embedding-model none" in response.json()["error"]["message"]
-    finally:
-        stop_server(s)
+# `--embedding-model none` (no embeddings route, a 404 naming the flag): checked on the server that
+# test_server_conversations.py's kill -9 test starts with that flag, instead of a server start of its own here

@@ -16,9 +16,17 @@ OPEN = ["Tell me about the moon.", "Write a poem about rain.", "What is a good b
 
 
 @pytest.fixture(scope="module")
-def spec_llm():
-    from freehold.llm import LLM
-    return LLM(progress=False, kv_cache_memory=512 << 20, speculative=SpeculativeMode.NGRAM)
+def spec_llm(auto_llm):
+    """What LLM(kv_cache_memory=512 << 20, speculative=NGRAM) builds, on the session's load of the default weights
+    (tests/conftest.py) instead of a second load: its own engine (the model is only read)."""
+    import copy
+
+    from freehold.config import EngineConfig
+    from freehold.engine.engine import Engine
+    llm = copy.copy(auto_llm)
+    llm.engine = Engine(auto_llm.loaded.model, auto_llm.loaded.config, auto_llm.tokenizer.eos_token_ids,
+                        EngineConfig(kv_cache_memory=512 << 20, speculative=SpeculativeMode.NGRAM))
+    return llm
 
 
 def prompts(llm) -> list[list[int]]:

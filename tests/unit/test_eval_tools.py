@@ -89,10 +89,12 @@ def test_fixture_answers_pass_and_other_functions_fail():
 
 # ---- both modes on the default model ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def fixture_results():
-    """The default weights (int4: about 4x the fp32 weights' decode speed on CPU) and settings."""
-    from freehold.llm import LLM
-    llm = LLM(progress=False, kv_cache_memory=256 << 20)
+def fixture_results(auto_llm):
+    """The default weights (int4: about 4x the fp32 weights' decode speed on CPU) and settings: the session's
+    LLM (tests/conftest.py), its prefix cache emptied first, so that it runs as a freshly loaded one would."""
+    llm = auto_llm
+    llm.engine.reset_prefix_cache()
+    assert not llm.engine.has_unfinished()
     results = {}
     for category, path in find_categories(DATA).items():
         items = load_items(path, category)
@@ -125,10 +127,15 @@ def test_reports_count_the_outcomes_and_calls_come_from_the_text(fixture_results
 
 
 # ---- the command --------------------------------------------------------------------------------------------------
-def test_cli_writes_a_table_per_category(tmp_path, capsys):
+def test_cli_writes_a_table_per_category(tmp_path, capsys, monkeypatch, auto_llm):
+    """The command in this process on the session's default LLM (tests/conftest.py): the commands' shared model
+    loading (commands.load_llm) runs in the other CLI tests (test_speculative.py, test_perplexity.py)."""
+    from freehold import commands
+    loads = []
+    monkeypatch.setattr(commands, "load_llm", lambda args: loads.append((args.model, args.weights)) or auto_llm)
     rc = main(["eval", "tools", "--data", str(DATA), "--categories", "multiple", "--limit", "1", "--max-tokens", "64",
                "--out", str(tmp_path)])
-    assert rc == 0
+    assert rc == 0 and loads == [(None, "auto")]  # the default model and weights, loaded once
     record = json.loads((tmp_path / "tools_multiple.json").read_text())
     assert [row[:3] for row in record["rows"]] == [["multiple", "constrained", 1], ["multiple", "unconstrained", 1]]
     assert "well-formed %" in capsys.readouterr().out

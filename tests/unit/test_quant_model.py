@@ -9,7 +9,6 @@ from gguf import GGMLQuantizationType as Q
 from freehold.errors import InvalidRequestError
 from freehold.kernels import native
 from freehold.models.gguf_loader import GGUFTensor
-from freehold.models.loader import load_model
 from freehold.quant.convert import quantize_model
 from freehold.quant.int4 import Int4Linear
 from freehold.quant.bf16 import Bf16Embedding, Bf16Linear
@@ -86,8 +85,10 @@ def test_quantize_model_swaps_modules_and_stays_close(mode, tied):
 
 
 @pytest.fixture(scope="module")
-def default_models():
-    return load_model(progress=False), load_model(progress=False, weights=M.FP32)
+def default_models(auto_llm, default_llm):
+    """The session's loads (tests/conftest.py) of load_model(weights=AUTO) and load_model(weights=FP32): the tests
+    below only read them."""
+    return auto_llm.loaded, default_llm.loaded
 
 
 def test_default_model_loads_packed(default_models):
