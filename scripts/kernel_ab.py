@@ -4,6 +4,7 @@ alternating two builds of one kernel on the same inputs in one process shows dif
 
     .venv/bin/python scripts/kernel_ab.py attention --base HEAD~1     # decode attention, bf16 KV, 64 x 532 tokens
     .venv/bin/python scripts/kernel_ab.py q8 --base HEAD~1            # the Q8_0 LM head of the default model's shape
+    .venv/bin/python scripts/kernel_ab.py int4 --base HEAD~1          # the default model's int4 layers
 
 The base build is `git show BASE:freehold/kernels/<kernel>.c` (and the headers beside it at BASE), compiled with the
 flags this tree uses (freehold.kernels.native); the new build is this tree's. Every round runs both builds on the
@@ -13,6 +14,9 @@ bit-identical.
   type, blocks of 16 tokens scattered at random over a pool of `--layers` layers' worth of blocks; a round is one
   call per layer, layer after layer (so each layer's rows come from memory, as in a decode step).
 - q8: a [49152, 576] Q8_0 table (SmolLM2-135M's LM head) against `--rows` rows of x.
+- int4: SmolLM2-135M's four int4 matmuls per layer (qkv 960 x 576, o 576 x 576, gate/up 3072 x 576, down 576 x 1536)
+  for `--layers` layers, each layer its own weights (so they come from memory, as in a decode step), against
+  `--rows` rows of x.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ SIGNATURES = {  # kernel -> (symbol, argtypes)
     "paged_attention": ("paged_decode_attention", [P, P, P, P, P, P, I, P, P, I, I, I, I, I, I, ctypes.c_float,
                                                    P, P, I64, I64, P, P, I]),
     "quant_matmul": ("q8_matmul", [P, P, P, P, I64, I64, I64]),
+    "int4": ("int4_matmul", [P, P, P, P, I64, I64, I64]),
 }
 
 
@@ -126,24 +131,49 @@ def q8(args, builds) -> None:
         alternate(builds, call, args.rounds)
 
 
+def int4(args, builds) -> None:
+    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (N, K): qkv, o, gate/up, down
+    g = torch.Generator().manual_seed(0)
+    weights = []
+    for _ in range(args.layers):
+        for n, k in shapes:
+            packed = torch.randint(0, 256, (n // 64, k, 32), dtype=torch.uint8, generator=g)
+            scales = torch.rand(k // 32, n, generator=g) * 0.02 + 0.001
+            zeros = torch.randn(k // 32, n, generator=g) * 0.01
+            pair = torch.stack([scales, zeros], -1).to(torch.bfloat16).contiguous()  # (s, z): s in the low half
+            weights.append((packed, pair, n, k))
+    for m in (int(r) for r in args.rows.split(",")):
+        xs = {k: torch.randn(m, k, generator=g) for _, k in shapes}
+        ys = [torch.zeros(m, n) for _, _, n, _ in weights]  # touched once, outside the timed calls
+
+        def call(fn):
+            t0 = time.perf_counter()
+            for (packed, pair, n, k), y in zip(weights, ys):
+                assert fn(xs[k].data_ptr(), y.data_ptr(), packed.data_ptr(), pair.data_ptr(), m, n, k) == 0
+            return time.perf_counter() - t0, [y.clone() for y in ys]
+        print(f"int4: {m} rows x 4 matmuls x {args.layers} layers")
+        alternate(builds, call, args.rounds)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("kernel", choices=["attention", "q8"])
+    p.add_argument("kernel", choices=["attention", "q8", "int4"])
     p.add_argument("--base", required=True, help="git revision of the base build (e.g. HEAD~1)")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--context", type=int, default=532)
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--kv", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--rows", default="1,16,64", help="q8: rows of x, comma-separated")
+    p.add_argument("--rows", default="1,16,64", help="q8 and int4: rows of x, comma-separated")
     args = p.parse_args()
     source = "paged_attention" if args.kernel == "attention" else "quant_matmul"
+    symbols = {"attention": "paged_attention", "q8": "quant_matmul", "int4": "int4"}[args.kernel]
     new = native.build(source)
     if new is None:
         raise SystemExit("no C compiler: nothing to compare")
     with tempfile.TemporaryDirectory() as folder:
-        builds = {"base": bind(base_build(source, args.base, Path(folder)), source), "new": bind(new, source)}
-        (attention if args.kernel == "attention" else q8)(args, builds)
+        builds = {"base": bind(base_build(source, args.base, Path(folder)), symbols), "new": bind(new, symbols)}
+        {"attention": attention, "q8": q8, "int4": int4}[args.kernel](args, builds)
     return 0
 
 

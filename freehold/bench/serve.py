@@ -63,7 +63,8 @@ class LevelReport:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=None, help="a running server (default: start one on a free port)")
+    parser.add_argument("--url", default=None, help="a running OpenAI-compatible server, with or without /v1 "
+                                                     "(default: start one on a free port)")
     parser.add_argument("--model", default=None, help="model for the started server and the prompt tokenizer")
     parser.add_argument("--served-model-name", default=None, help="`model` field to send (default: ask the server)")
     parser.add_argument("--api-key", default=None)
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if plot is not None:
         require_matplotlib()  # before the server starts and the levels run
     server = None if args.url else _start_server(args)
-    url = args.url or server[0]
+    url = server_root(args.url) if args.url else server[0]
     try:
         reports, model = asyncio.run(_bench(url, args, levels, num_requests, input_len, output_len))
     finally:
@@ -164,9 +165,11 @@ def make_prompts(model: str | None, num: int, input_len: tuple[int, int], seed: 
 async def _bench(url: str, args: argparse.Namespace, levels: list[int], num_requests: int,
                  input_len: tuple[int, int], output_len: tuple[int, int]) -> tuple[list[LevelReport], str]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=max(levels) + 4)
+    # A connection per request: a kept-alive one that the server closes as it idles (llama.cpp's server does after
+    # 5 s) fails the next request sent on it ("Server disconnected without sending a response").
+    limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=3600, limits=limits) as client:
-        model = args.served_model_name or (await client.get("/v1/models")).json()["data"][0]["id"]
+        model = args.served_model_name or await _served_model(client, url)
         prompts = await asyncio.to_thread(make_prompts, args.model, num_requests * len(levels), input_len, args.seed)
         rng = random.Random(args.seed + 1)
         outputs = [rng.randint(*output_len) for _ in prompts]
@@ -177,6 +180,25 @@ async def _bench(url: str, args: argparse.Namespace, levels: list[int], num_requ
             reports.append(await _run_level(client, model, level, prompts[batch], outputs[batch]))
             print(f"concurrency {level}: {reports[-1].output_tokens_per_s:.1f} output tok/s", file=sys.stderr)
         return reports, model
+
+
+async def _served_model(client: httpx.AsyncClient, url: str) -> str:
+    """The first model id of GET /v1/models; SystemExit naming the server and what it answered otherwise."""
+    try:
+        response = await client.get("/v1/models")
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
+    try:
+        return response.json()["data"][0]["id"]
+    except (ValueError, LookupError, TypeError):  # not JSON, or no data[0].id
+        raise SystemExit(f"{url}/v1/models (HTTP {response.status_code}) lists no model id: is --url an "
+                         "OpenAI-compatible server? Name the model with --served-model-name") from None
+
+
+def server_root(url: str) -> str:
+    """The server's root URL, given it with or without the /v1 suffix (requests go to /v1/...)."""
+    url = url.rstrip("/")
+    return url.removesuffix("/v1")
 
 
 async def _run_level(client: httpx.AsyncClient, model: str, concurrency: int, prompts: list[tuple[str, int]],

@@ -124,3 +124,24 @@ def test_a_llama_cpp_that_does_not_import_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` now raises ImportError
     with pytest.raises(SystemExit, match="llama-cpp-python is installed but does not import"):
         llama_cpp_model(Path("model.gguf"), 64)
+
+
+def test_bench_serve_takes_a_url_with_or_without_v1_and_names_a_server_without_a_model_list():
+    import asyncio
+
+    import httpx
+
+    from freehold.bench.serve import _served_model, server_root
+    assert server_root("http://h:8/v1") == server_root("http://h:8/v1/") == server_root("http://h:8") == "http://h:8"
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/v1/models":
+            return httpx.Response(404, json={"error": {"message": "File Not Found"}})
+        return httpx.Response(200, json={"data": [{"id": "m"}]} if request.url.host == "good" else {"models": []})
+
+    async def served(root: str) -> str:
+        async with httpx.AsyncClient(base_url=root, transport=httpx.MockTransport(answer)) as client:
+            return await _served_model(client, root)
+    assert asyncio.run(served("http://good")) == "m"
+    with pytest.raises(SystemExit, match=r"http://bad/v1/models \(HTTP 200\) lists no model id.*--served-model-name"):
+        asyncio.run(served("http://bad"))
