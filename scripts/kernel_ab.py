@@ -166,14 +166,15 @@ def main() -> int:
     p.add_argument("--kv", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--rows", default="1,16,64", help="q8 and int4: rows of x, comma-separated")
     args = p.parse_args()
-    source = "paged_attention" if args.kernel == "attention" else "quant_matmul"
-    symbols = {"attention": "paged_attention", "q8": "quant_matmul", "int4": "int4"}[args.kernel]
+    source, signature, run = {"attention": ("paged_attention", "paged_attention", attention),  # .c file, SIGNATURES
+                              "q8": ("quant_matmul", "quant_matmul", q8),
+                              "int4": ("quant_matmul", "int4", int4)}[args.kernel]
     new = native.build(source)
     if new is None:
         raise SystemExit("no C compiler: nothing to compare")
     with tempfile.TemporaryDirectory() as folder:
-        builds = {"base": bind(base_build(source, args.base, Path(folder)), symbols), "new": bind(new, symbols)}
-        {"attention": attention, "q8": q8, "int4": int4}[args.kernel](args, builds)
+        builds = {"base": bind(base_build(source, args.base, Path(folder)), signature), "new": bind(new, signature)}
+        run(args, builds)
     return 0
 
 
