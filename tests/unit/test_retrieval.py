@@ -95,7 +95,10 @@ def test_rrf_sums_reciprocal_ranks_and_normalizes_by_the_best_possible():
     assert reciprocal_rank_fusion([["x"], ["x"]])[0][1] == pytest.approx(1.0)
 
 
-def test_dense_index_moves_from_exact_to_hnsw_past_the_threshold_with_the_same_answers():
+def test_dense_index_moves_from_exact_to_hnsw_past_the_threshold_with_recall_and_exact_scores():
+    # HNSW is approximate and usearch inserts on several threads, so the graph (and a rare neighbour) differs from
+    # build to build: a single query's top 5 differed from the exact one in ~1% of builds (CI saw it). Measured over
+    # 100 builds: recall@5 on 100 random queries was 0.97-1.00 (mean 0.994), so 0.9 fails only a broken index.
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((300, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -103,14 +106,22 @@ def test_dense_index_moves_from_exact_to_hnsw_past_the_threshold_with_the_same_a
     index = DenseIndex(16, threshold=200)
     index.add(keys[:150], vectors[:150])
     assert index.is_exact
+    assert index.search(vectors[7], 5).keys.tolist() == exact_search(vectors[:150], keys[:150], vectors[7], 5).keys.tolist()
     index.add(keys[150:], vectors[150:])
     assert not index.is_exact and len(index) == 300
+    queries = rng.standard_normal((100, 16)).astype(np.float32)
+    found = 0
+    for query in queries:
+        hits, exact = index.search(query, 5), exact_search(vectors, keys, query, 5)
+        found += len(set(hits.keys.tolist()) & set(exact.keys.tolist()))
+        assert hits.scores == pytest.approx(vectors[hits.keys - 1000] @ query, abs=1e-5)  # scores are <q, v>
+        assert list(hits.scores) == sorted(hits.scores, reverse=True)
+    assert found / (5 * len(queries)) >= 0.9
     query = vectors[7]
-    exact = exact_search(vectors, keys, query, 5)
-    assert index.search(query, 5).keys.tolist() == exact.keys.tolist()
-    assert index.search(query, 5).scores == pytest.approx(exact.scores, abs=1e-5)
+    assert index.search(query, 1).keys.tolist() == [1007]
     allowed = keys[keys % 2 == 0]
-    assert set(index.search(query, 5, allowed).keys.tolist()) <= set(allowed.tolist())
+    filtered = index.search(query, 5, allowed).keys.tolist()
+    assert len(filtered) == 5 and set(filtered) <= set(allowed.tolist())
     index.remove(keys[7:8])
     assert 1007 not in index.search(query, 5).keys.tolist()
 
