@@ -8,8 +8,8 @@ alternating two builds of one kernel on the same inputs in one process shows dif
 
 The base build is `git show BASE:freehold/kernels/<kernel>.c` (and the headers beside it at BASE), compiled with the
 flags this tree uses (freehold.kernels.native); the new build is this tree's. Every round runs both builds on the
-same inputs (which one goes first alternates), and the script says whether their first round's outputs are
-bit-identical.
+same inputs (which one goes first alternates), and the script says whether their first round's outputs (NaN-filled
+before each call) are bit-identical.
 - attention: `--batch` sequences of `--context` tokens each (one decode row per sequence), `--kv` cache element
   type, blocks of 16 tokens scattered at random over a pool of `--layers` layers' worth of blocks; a round is one
   call per layer, layer after layer (so each layer's rows come from memory, as in a decode step).
@@ -69,6 +69,20 @@ def base_build(kernel: str, rev: str, folder: Path) -> Path:
     return out
 
 
+def check(status: int, kernel: str) -> None:
+    """A kernel's nonzero status as a one-line exit (e.g. the int4 kernel on a CPU without AVX512-VNNI/VBMI)."""
+    if status != 0:
+        raise SystemExit(f"{kernel} returned status {status}: this CPU or shape is one the kernel does not run "
+                         "(freehold.kernels.native says which CPU features each kernel needs)")
+
+
+def poison(outputs: list[torch.Tensor]) -> None:
+    """NaN in every output before a call (outside its timing), so an element a build leaves unwritten shows up as a
+    difference (NaN equals nothing) instead of the other build's value."""
+    for out in outputs:
+        out.fill_(float("nan"))
+
+
 def alternate(builds: dict, call, rounds: int) -> None:
     """Run call(fn) -> (seconds, outputs) for each build in turn (base first in even rounds, new first in odd ones),
     `rounds` times; print the medians and whether the builds' outputs are bit-identical."""
@@ -99,15 +113,15 @@ def attention(args, builds) -> None:
     lens = torch.full((args.batch,), args.context, dtype=torch.int64)
     qs = [torch.randn(args.batch, heads, head_dim, generator=g) for _ in range(args.layers)]
 
-    outs = [torch.zeros(args.batch, heads, head_dim) for _ in range(args.layers)]  # touched once, outside the timing
+    outs = [torch.zeros(args.batch, heads, head_dim) for _ in range(args.layers)]  # NaN before each call (poison)
 
     def call(fn):
+        poison(outs)
         t0 = time.perf_counter()
         for q, table, out in zip(qs, tables, outs):
-            status = fn(q.data_ptr(), out.data_ptr(), k.data_ptr(), v.data_ptr(), None, None, code, table.data_ptr(),
-                        lens.data_ptr(), args.batch, per_seq, heads, kv_heads, head_dim, block_size, head_dim ** -0.5,
-                        None, None, 0, 0, None, None, 0)
-            assert status == 0, status
+            check(fn(q.data_ptr(), out.data_ptr(), k.data_ptr(), v.data_ptr(), None, None, code, table.data_ptr(),
+                     lens.data_ptr(), args.batch, per_seq, heads, kv_heads, head_dim, block_size, head_dim ** -0.5,
+                     None, None, 0, 0, None, None, 0), "paged_decode_attention")
         return time.perf_counter() - t0, [out.clone() for out in outs]
     print(f"attention: {args.batch} x {args.context} tokens, {args.kv} KV, {args.layers} layers per round")
     alternate(builds, call, args.rounds)
@@ -121,11 +135,12 @@ def q8(args, builds) -> None:
     for m in (int(r) for r in args.rows.split(",")):
         x = torch.randn(m, k, generator=g)
 
-        y = torch.zeros(m, n)  # touched once, outside the timed calls
+        y = torch.zeros(m, n)  # NaN before each call (poison)
 
         def call(fn):
+            poison([y])
             t0 = time.perf_counter()
-            assert fn(x.data_ptr(), y.data_ptr(), codes.data_ptr(), scales.data_ptr(), m, n, k) == 0
+            check(fn(x.data_ptr(), y.data_ptr(), codes.data_ptr(), scales.data_ptr(), m, n, k), "q8_matmul")
             return time.perf_counter() - t0, [y.clone()]
         print(f"q8 head: {m} rows x [{n}, {k}]")
         alternate(builds, call, args.rounds)
@@ -144,12 +159,13 @@ def int4(args, builds) -> None:
             weights.append((packed, pair, n, k))
     for m in (int(r) for r in args.rows.split(",")):
         xs = {k: torch.randn(m, k, generator=g) for _, k in shapes}
-        ys = [torch.zeros(m, n) for _, _, n, _ in weights]  # touched once, outside the timed calls
+        ys = [torch.zeros(m, n) for _, _, n, _ in weights]  # NaN before each call (poison)
 
         def call(fn):
+            poison(ys)
             t0 = time.perf_counter()
             for (packed, pair, n, k), y in zip(weights, ys):
-                assert fn(xs[k].data_ptr(), y.data_ptr(), packed.data_ptr(), pair.data_ptr(), m, n, k) == 0
+                check(fn(xs[k].data_ptr(), y.data_ptr(), packed.data_ptr(), pair.data_ptr(), m, n, k), "int4_matmul")
             return time.perf_counter() - t0, [y.clone() for y in ys]
         print(f"int4: {m} rows x 4 matmuls x {args.layers} layers")
         alternate(builds, call, args.rounds)

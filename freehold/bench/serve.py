@@ -188,6 +188,10 @@ async def _served_model(client: httpx.AsyncClient, url: str) -> str:
         response = await client.get("/v1/models")
     except httpx.HTTPError as exc:
         raise SystemExit(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
+    if response.status_code in (401, 403):
+        raise SystemExit(f"{url}/v1/models answered HTTP {response.status_code}: the server wants a key "
+                         "(--api-key)" + (", and refused this one" if "authorization" in response.request.headers
+                                          else "")) from None
     try:
         return response.json()["data"][0]["id"]
     except (ValueError, LookupError, TypeError):  # not JSON, or no data[0].id

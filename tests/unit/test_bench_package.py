@@ -126,7 +126,7 @@ def test_a_llama_cpp_that_does_not_import_is_named(monkeypatch):
         llama_cpp_model(Path("model.gguf"), 64)
 
 
-def test_bench_serve_takes_a_url_with_or_without_v1_and_names_a_server_without_a_model_list():
+def test_bench_serve_takes_a_url_with_or_without_v1_and_names_an_unusable_server_in_one_line():
     import asyncio
 
     import httpx
@@ -137,11 +137,25 @@ def test_bench_serve_takes_a_url_with_or_without_v1_and_names_a_server_without_a
     def answer(request: httpx.Request) -> httpx.Response:
         if request.url.path != "/v1/models":
             return httpx.Response(404, json={"error": {"message": "File Not Found"}})
+        if request.url.host == "down":
+            raise httpx.ConnectError("connection refused", request=request)
+        if request.url.host == "locked":
+            return httpx.Response(401 if request.headers.get("authorization") != "Bearer k" else 200,
+                                  json={"data": [{"id": "m"}]})
         return httpx.Response(200, json={"data": [{"id": "m"}]} if request.url.host == "good" else {"models": []})
 
-    async def served(root: str) -> str:
-        async with httpx.AsyncClient(base_url=root, transport=httpx.MockTransport(answer)) as client:
+    async def served(root: str, key: str | None = None) -> str:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with httpx.AsyncClient(base_url=root, headers=headers, transport=httpx.MockTransport(answer)) as client:
             return await _served_model(client, root)
     assert asyncio.run(served("http://good")) == "m"
     with pytest.raises(SystemExit, match=r"http://bad/v1/models \(HTTP 200\) lists no model id.*--served-model-name"):
         asyncio.run(served("http://bad"))
+    with pytest.raises(SystemExit, match=r"cannot reach http://down: ConnectError: connection refused"):
+        asyncio.run(served("http://down"))
+    with pytest.raises(SystemExit, match=r"http://locked/v1/models answered HTTP 401: the server wants a key "
+                                         r"\(--api-key\)$"):
+        asyncio.run(served("http://locked"))
+    with pytest.raises(SystemExit, match=r"HTTP 401: the server wants a key \(--api-key\), and refused this one$"):
+        asyncio.run(served("http://locked", "wrong"))
+    assert asyncio.run(served("http://locked", "k")) == "m"
