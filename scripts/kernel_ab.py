@@ -72,8 +72,8 @@ def base_build(kernel: str, rev: str, folder: Path) -> Path:
 def check(status: int, kernel: str) -> None:
     """A kernel's nonzero status as a one-line exit (e.g. the int4 kernel on a CPU without AVX512-VNNI/VBMI)."""
     if status != 0:
-        raise SystemExit(f"{kernel} returned status {status}: this CPU or shape is one the kernel does not run "
-                         "(freehold.kernels.native says which CPU features each kernel needs)")
+        raise SystemExit(f"{kernel} returned status {status}: a CPU or shape the kernel does not run (status 1 or "
+                         "3; freehold.kernels.native says which CPU features each kernel needs) or out of memory (2)")
 
 
 def poison(outputs: list[torch.Tensor]) -> None:

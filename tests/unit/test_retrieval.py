@@ -122,6 +122,7 @@ def test_dense_index_moves_from_exact_to_hnsw_past_the_threshold_with_recall_and
     allowed = keys[keys % 2 == 0]
     filtered = index.search(query, 5, allowed).keys.tolist()
     assert len(filtered) == 5 and set(filtered) <= set(allowed.tolist())
+    assert len(set(filtered) & set(exact_search(vectors, keys, query, 5, allowed).keys.tolist())) >= 4
     index.remove(keys[7:8])
     assert 1007 not in index.search(query, 5).keys.tolist()
 
