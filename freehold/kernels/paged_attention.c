@@ -10,8 +10,9 @@
    each K/V row read, so a run's context is read once per step, not once per row; chunks merge by their softmax
    statistics (flash-decoding), so one long sequence still keeps every thread busy. With a bf16 cache and AVX-512,
    a run of at most WIDE_ROWS rows (a decode row and its drafts, bound by reading the cache) does all its KV heads
-   in the task of g = 0, reading each token's rows of every head as one run (widen_all; the other heads' tasks are
-   empty), where there are at least as many (piece, chunk) tasks as threads. Tasks run in parallel (OpenMP, the
+   in the task of g = 0, reading each token's rows of every head as one run (the other heads' tasks are
+   empty), streaming the chunk 16 tokens at a time (attend_stream), where there are at least as many (piece, chunk)
+   tasks as threads. Tasks run in parallel (OpenMP, the
    same libgomp torch uses). A row's arithmetic is the same whatever else is in its task: chunks are fixed by
    the context length (a row's chunks past its own length are empty and skipped), and its dot products, exponents
    and sums run the same instructions in the same order, so a row gets the same result in any batch or run.
@@ -34,7 +35,8 @@
 #define AHEAD 32  /* tokens of software prefetch distance */
 #define CHUNK 128  /* tokens per task */
 #define MAX_Q 64  /* query vectors per task: rows x G */
-#define WIDE_ROWS 4  /* a run of at most this many rows reads every KV head's rows in one pass (widen_all) */
+#define WIDE_ROWS 4  /* a run of at most this many rows reads every KV head's rows in one pass (attend_stream) */
+#define WIDE_MAX 512  /* ... where KV heads x head_dim is at most this */
 
 static inline float bf16_to_float(uint16_t x) {
     uint32_t bits = (uint32_t)x << 16;
@@ -223,14 +225,13 @@ static inline __attribute__((always_inline)) __m512 sum16(__m512 v[16]) {
    block for every query before the next block (each token's 16-lane products q . k summed by sum16, not one
    horizontal sum per token; a query's blocks in order, so its arithmetic is the per-query loop's), softmax, and
    sum_t p_t V_t for QB queries at a time with their accumulators in registers (attend() keeps them in memory).
-   A query's arithmetic is the same whatever else is in its task (rows, tokens beyond its own length skipped).
-   `wide`: NULL, or the chunk's bf16 rows of every head already widened by the task (widen_all), used in place. */
+   A query's arithmetic is the same whatever else is in its task (rows, tokens beyond its own length skipped). */
 #define QB 4  /* queries per pass over V */
 static inline __attribute__((always_inline)) void attend_vec(
         const float *q, int64_t q_row_stride, Partial *parts, const void *k_cache, const void *v_cache,
         const _Float16 *k_scales, const _Float16 *v_scales, const int dtype, const int64_t *table, int64_t t0,
         const int64_t *lens, int rows, int g, int group, int kv_heads, int block_size, int log2_bs, float scale,
-        const int head_dim, const float *wide) {
+        const int head_dim) {
     enum { V = 16 };
     const int nv = head_dim / V;
     float scores[MAX_Q][CHUNK] __attribute__((aligned(64))), ks[CHUNK], vs[CHUNK], mx[MAX_Q], sum[MAX_Q];
@@ -241,12 +242,7 @@ static inline __attribute__((always_inline)) void attend_vec(
         int64_t m = lens[x] - t0;
         seen[x] = m < 0 ? 0 : m < n ? m : n;
     }
-    for (int64_t t = 0; wide != NULL && t < n; t++) {  /* bf16 rows widened by the task (widen_all), scale s = 1 */
-        krow[t] = wide + ((int64_t)g * CHUNK + t) * head_dim;
-        vrow[t] = wide + ((int64_t)(kv_heads + g) * CHUNK + t) * head_dim;
-        ks[t] = 1.0f * scale, vs[t] = 1.0f;
-    }
-    for (int64_t t = 0; wide == NULL && t < n; t++) {
+    for (int64_t t = 0; t < n; t++) {
         const void *kr = token_row(k_cache, k_scales, dtype, table, t0 + t, n_ctx, block_size, log2_bs, g, kv_heads,
                                    head_dim, &ks[t]);
         const void *vr = token_row(v_cache, v_scales, dtype, table, t0 + t, n_ctx, block_size, log2_bs, g, kv_heads,
@@ -345,27 +341,130 @@ static inline __attribute__((always_inline)) void attend_vec(
 #endif
 
 #ifdef __AVX512F__
-/* bf16 K and V rows of tokens [t0, t0 + n) of every KV head, widened (exactly) into wide[2][kvh][CHUNK][d]: a
-   token's rows of all heads are contiguous in the cache, so a decode task reads them as one run instead of 1/kvh of
-   each line run per task (a batch-64 decode pass over bf16 KV: 0.80-0.91x the time on a Zen 4, docs/performance.md). */
-static void widen_all(const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table, int64_t t0, int64_t n,
-                      int64_t n_ctx, int block_size, int log2_bs, int kvh, int d, float *wide) {
-    int64_t width = (int64_t)kvh * d;
-    for (int64_t t = 0; t < n; t++) {
-        if (t0 + t + AHEAD < n_ctx) {
-            int64_t ahead = slot_of(table, t0 + t + AHEAD, block_size, log2_bs);
-            for (int64_t off = 0; off < width * 2; off += 64) {
-                __builtin_prefetch((const char *)(k_cache + ahead * width) + off, 0, 1);
-                __builtin_prefetch((const char *)(v_cache + ahead * width) + off, 0, 1);
+/* Floats of scratch attend_stream needs for `rows` rows of `heads` query heads over kvh x d (its layout below). */
+static inline int64_t stream_scratch(int rows, int heads, int64_t width) {
+    return (int64_t)rows * heads * (CHUNK + 16) + 16 * width + 16;
+}
+
+/* The one-pass path (a whole run of at most WIDE_ROWS rows over a bf16 cache: a decode row and its drafts) for every
+   KV head at once, streamed 16 tokens at a time. The scores pass widens a block's K rows of every head (one
+   contiguous run per token) into `kb`, which stays in L1, and scores it for every query before it reads the next
+   block; the sums pass does the same with V. While it scores a block it asks for the K rows AHEAD tokens on and
+   for the block's own V rows (the sums pass then finds them in L2), a few rows per query head, spread over the
+   arithmetic: asked for all at once they stalled it (1.09-1.28x the time of reading first, below), spread they
+   overlap it. Reading the whole chunk first (into a 196 KB buffer) and then computing took the reading's time plus
+   the arithmetic's: this is ~0.8x its time at 16 and 64 sequences of 512 tokens (docs/performance.md).
+   Each query's operations and their order are attend_vec's with bf16 rows (ks = scale, vs = 1): the same bits.
+   Query qi = x * heads + h (row x, query head h = g * group + j), its partial parts[x * kvh + g] at j.
+   scratch (64-byte aligned, stream_scratch floats): scores [rows * heads][CHUNK], running maxima [rows * heads][16],
+   then kb [16][kvh * d]. */
+static inline __attribute__((always_inline)) void attend_stream(
+        const float *q, int64_t q_row_stride, Partial *parts, const uint16_t *k_cache, const uint16_t *v_cache,
+        const int64_t *table, int64_t t0, const int64_t *lens, int rows, int group, int kvh, int block_size,
+        int log2_bs, float scale, const int head_dim, float *scratch) {
+    enum { V = 16 };
+    const int nv = head_dim / V, heads = kvh * group, nq = rows * heads;
+    const int64_t width = (int64_t)kvh * head_dim;
+    float *scores = scratch, *maxima = scratch + (int64_t)nq * CHUNK, *kb = maxima + (int64_t)nq * 16;
+    int64_t n_ctx = lens[rows - 1], t1 = t0 + CHUNK < n_ctx ? t0 + CHUNK : n_ctx, n = t1 - t0, seen[WIDE_ROWS];
+    int64_t scored = 0;  /* the task's longest range of tokens */
+    for (int x = 0; x < rows; x++) {
+        int64_t m = lens[x] - t0;
+        seen[x] = m < 0 ? 0 : m < n ? m : n;
+        if (seen[x] > scored) scored = seen[x];
+    }
+    const __m512 scale16 = _mm512_set1_ps(1.0f * scale);
+    for (int qi = 0; qi < nq; qi++) _mm512_store_ps(maxima + qi * 16, _mm512_set1_ps(-INFINITY));
+    for (int64_t t = 0; t < AHEAD && t < scored; t++) {  /* the first blocks' K rows (the loop asks AHEAD on) */
+        const char *kr = (const char *)(k_cache + slot_of(table, t0 + t, block_size, log2_bs) * width);
+        for (int64_t off = 0; off < width * 2; off += 64) __builtin_prefetch(kr + off, 0, 3);
+    }
+    for (int64_t tb = 0; tb < scored; tb += 16) {
+        int block = scored - tb < 16 ? (int)(scored - tb) : 16;
+        for (int u = 0; u < block; u++) {
+            const uint16_t *kr = k_cache + slot_of(table, t0 + tb + u, block_size, log2_bs) * width;
+            for (int64_t i = 0; i < width; i += V) widen16_bf16(kr + i, kb + u * width + i);
+        }
+        for (int x = 0; x < rows; x++) {
+            int64_t own = seen[x];
+            if (tb >= own) continue;
+            int cnt = own - tb < 16 ? (int)(own - tb) : 16;
+            __mmask16 valid = (__mmask16)(cnt == 16 ? 0xFFFF : (1u << cnt) - 1);
+            for (int h = 0; h < heads; h++) {
+                if (x == rows - 1)  /* spread over the heads: K AHEAD tokens on (L1), this block's V (L2) */
+                    for (int u = h * 16 / heads; u < (h + 1) * 16 / heads; u++) {
+                        if (tb + AHEAD + u < n) {
+                            const char *kr = (const char *)(k_cache + width * slot_of(table, t0 + tb + AHEAD + u,
+                                                                                      block_size, log2_bs));
+                            for (int64_t off = 0; off < width * 2; off += 64) __builtin_prefetch(kr + off, 0, 3);
+                        }
+                        if (u < block) {
+                            const char *vr = (const char *)(v_cache + width * slot_of(table, t0 + tb + u, block_size,
+                                                                                      log2_bs));
+                            for (int64_t off = 0; off < width * 2; off += 64) __builtin_prefetch(vr + off, 0, 2);
+                        }
+                    }
+                int qi = x * heads + h;
+                const float *qv = q + (int64_t)x * q_row_stride + (int64_t)h * head_dim;
+                const float *kg = kb + (h / group) * head_dim;
+                __m512 s, acc[16];
+                if (cnt == 16) {  /* attend_vec's full block */
+                    for (int u = 0; u < 16; u++) {
+                        acc[u] = _mm512_setzero_ps();
+                        for (int i = 0; i < nv; i++)
+                            acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(qv + i * V),
+                                                     _mm512_loadu_ps(kg + u * width + i * V), acc[u]);
+                    }
+                    s = _mm512_mul_ps(sum16(acc), scale16);
+                } else {  /* attend_vec's partial block */
+                    for (int u = 0; u < 16; u++) {
+                        acc[u] = _mm512_setzero_ps();
+                        if (u < cnt)
+                            for (int i = 0; i < nv; i++)
+                                acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(qv + i * V),
+                                                         _mm512_loadu_ps(kg + u * width + i * V), acc[u]);
+                    }
+                    s = _mm512_mul_ps(sum16(acc), _mm512_maskz_mov_ps(valid, scale16));
+                }
+                _mm512_store_ps(scores + (int64_t)qi * CHUNK + tb, s);
+                __m512 m = _mm512_load_ps(maxima + qi * 16);
+                _mm512_store_ps(maxima + qi * 16, _mm512_mask_max_ps(m, valid, m, s));
             }
         }
-        int64_t slot = slot_of(table, t0 + t, block_size, log2_bs);
-        const uint16_t *kr = k_cache + slot * width, *vr = v_cache + slot * width;
-        for (int g = 0; g < kvh; g++)
-            for (int i = 0; i < d; i += 16) {
-                widen16_bf16(kr + g * d + i, wide + ((int64_t)g * CHUNK + t) * d + i);
-                widen16_bf16(vr + g * d + i, wide + ((int64_t)(kvh + g) * CHUNK + t) * d + i);
+    }
+    for (int x = 0; x < rows; x++)
+        for (int h = 0; h < heads; h++) {
+            int qi = x * heads + h;
+            Partial p = parts[x * kvh + h / group];
+            int64_t own = seen[x];
+            float mx = own ? _mm512_reduce_max_ps(_mm512_load_ps(maxima + qi * 16)) : -INFINITY;
+            p.m[h % group] = mx;
+            p.l[h % group] = own ? exp_shifted(scores + (int64_t)qi * CHUNK, own, mx) : 0.0f;
+            memset(p.acc + (int64_t)(h % group) * head_dim, 0, sizeof(float) * head_dim);
+        }
+    for (int64_t tb = 0; tb < scored; tb += 16) {
+        int block = scored - tb < 16 ? (int)(scored - tb) : 16;
+        for (int u = 0; u < block; u++) {
+            const uint16_t *vr = v_cache + slot_of(table, t0 + tb + u, block_size, log2_bs) * width;
+            for (int64_t i = 0; i < width; i += V) widen16_bf16(vr + i, kb + u * width + i);
+        }
+        for (int x = 0; x < rows; x++) {
+            int64_t own = seen[x];
+            if (tb >= own) continue;
+            int cnt = own - tb < 16 ? (int)(own - tb) : 16;
+            for (int h = 0; h < heads; h++) {  /* sum_t p_t V_t, continued from the previous blocks in token order */
+                const float *p = scores + (int64_t)(x * heads + h) * CHUNK + tb, *vg = kb + (h / group) * head_dim;
+                float *out = parts[x * kvh + h / group].acc + (int64_t)(h % group) * head_dim;
+                __m512 acc[MAX_D / V];
+                for (int i = 0; i < nv; i++) acc[i] = _mm512_loadu_ps(out + i * V);
+                for (int u = 0; u < cnt; u++) {
+                    __m512 w = _mm512_set1_ps(p[u] * 1.0f);
+                    for (int i = 0; i < nv; i++)
+                        acc[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vg + u * width + i * V), acc[i]);
+                }
+                for (int i = 0; i < nv; i++) _mm512_storeu_ps(out + i * V, acc[i]);
             }
+        }
     }
 }
 #endif
@@ -477,15 +576,15 @@ int paged_decode_attention(const float *q, float *out, const void *k_cache, cons
 #ifdef __AVX512F__
         /* bf16 cache, a vector head size, every head's rows of a chunk in at most 512 KB (as fp32), and at least as
            many (piece, chunk) tasks as threads, so that taking a piece's heads together leaves no thread idle */
-        int wide_ok = dtype == 1 && (head_dim == 64 || head_dim == 128) && kv_heads * head_dim <= 512
+        int wide_ok = dtype == 1 && (head_dim == 64 || head_dim == 128) && kv_heads * head_dim <= WIDE_MAX
                       && task_base[pieces] >= omp_get_max_threads();
 #else
         int wide_ok = 0;
 #endif
         #pragma omp parallel
         {
-            float *wide = NULL;  /* this thread's buffer for widen_all, allocated by its first one-pass task */
-            int wide_failed = 0;
+            float *scratch = NULL;  /* this thread's for attend_stream, allocated by its first one-pass task */
+            int scratch_failed = 0;
             #pragma omp for schedule(dynamic)
             for (int64_t task = 0; task < tasks; task++) {  /* task = (task_base[piece] + chunk) * kv_heads + g */
                 int64_t index = task / kv_heads, piece = 0;
@@ -494,26 +593,35 @@ int paged_decode_attention(const float *q, float *out, const void *k_cache, cons
                 int rows = (int)(first[piece + 1] - x0);
                 const int64_t *table = block_tables + (first[piece + 1] - 1) * max_blocks;
                 /* A whole run of a few rows (a decode row and its drafts: bound by reading the cache) takes every KV
-                   head in the task of g = 0, reading each token's rows of all heads as one run (widen_all); the
-                   other tasks of its chunk are empty. A longer run (a prompt chunk, cache-resident) keeps one head
-                   per task. Either way each row computes the same thing, in the same order (a failed allocation
-                   only means the per-head path). */
-                if (wide_ok && short_run[piece] && wide == NULL && !wide_failed) {
-                    wide = malloc(sizeof(float) * 2 * (size_t)kv_heads * CHUNK * head_dim);
-                    wide_failed = wide == NULL;
-                }
-                int one_pass = wide != NULL && short_run[piece];
-                int g_first = (int)(task % kv_heads), g_end = g_first + 1;
-                if (one_pass) {
-                    if (g_first != 0) continue;
-                    g_end = kv_heads;
+                   head in the task of g = 0 (attend_stream); the other tasks of its chunk are empty. A longer run (a
+                   prompt chunk, cache-resident) keeps one head per task. Either way each row computes the same thing,
+                   in the same order (a failed allocation only means the per-head path). */
+                int g_first = (int)(task % kv_heads);
 #ifdef __AVX512F__
-                    int64_t n_ctx = context_lens[first[piece + 1] - 1], n = n_ctx - t0 < CHUNK ? n_ctx - t0 : CHUNK;
-                    widen_all((const uint16_t *)k_cache, (const uint16_t *)v_cache, table, t0, n, n_ctx, block_size,
-                              log2_bs, kv_heads, head_dim, wide);
-#endif
+                if (wide_ok && short_run[piece] && scratch == NULL && !scratch_failed) {
+                    size_t floats = (size_t)stream_scratch(WIDE_ROWS, heads, (int64_t)kv_heads * head_dim);
+                    scratch = aligned_alloc(64, sizeof(float) * ((floats + 15) / 16 * 16));
+                    scratch_failed = scratch == NULL;
                 }
-                for (int g = g_first; g < g_end; g++) {
+                if (scratch != NULL && short_run[piece]) {
+                    if (g_first != 0) continue;
+                    Partial parts[WIDE_ROWS * (WIDE_MAX / 64)];
+                    for (int x = 0; x < rows; x++)
+                        for (int g = 0; g < kv_heads; g++)
+                            parts[x * kv_heads + g] = partial_at(pm, pl, pacc,
+                                                                 (row_base[x0 + x] + chunk) * kv_heads + g, group,
+                                                                 head_dim);
+#define STREAM(HD) attend_stream(q + x0 * heads * head_dim, (int64_t)heads * head_dim, parts, \
+                                 (const uint16_t *)k_cache, (const uint16_t *)v_cache, table, t0, context_lens + x0, \
+                                 rows, group, kv_heads, block_size, log2_bs, scale, HD, scratch)
+                    if (head_dim == 64) STREAM(64);
+                    else STREAM(128);
+#undef STREAM
+                    continue;
+                }
+#endif
+                {
+                    int g = g_first;
                     Partial parts[MAX_Q];
                     for (int x = 0; x < rows; x++)
                         parts[x] = partial_at(pm, pl, pacc, (row_base[x0 + x] + chunk) * kv_heads + g, group,
@@ -527,7 +635,7 @@ int paged_decode_attention(const float *q, float *out, const void *k_cache, cons
 #ifdef __AVX512F__
 #define ATTEND_VEC(DT, HD) attend_vec(qg, (int64_t)heads * head_dim, parts, k_cache, v_cache, k_scales, v_scales, \
                                   DT, table, t0, context_lens + x0, rows, g, group, kv_heads, block_size, log2_bs, \
-                                  scale, HD, one_pass ? wide : NULL)
+                                  scale, HD)
                     if (head_dim == 64) {
                         if (dtype == 0) ATTEND_VEC(0, 64);
                         else if (dtype == 1) ATTEND_VEC(1, 64);
@@ -546,7 +654,7 @@ int paged_decode_attention(const float *q, float *out, const void *k_cache, cons
 #undef ATTEND
                 }
             }
-            free(wide);
+            free(scratch);
         }
         #pragma omp parallel for collapse(2) schedule(static)
         for (int b = 0; b < batch; b++)

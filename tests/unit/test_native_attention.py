@@ -58,7 +58,7 @@ def test_a_sequence_gets_the_same_output_in_any_batch(kind, monkeypatch):
 def runs_batch():
     """Rows of three sequences: one alone, a run of 5 (a token and 4 drafts) crossing a chunk boundary at 128, and
     a run of 30 rows (a short prompt chunk; more rows than one task holds: 64 / 3 heads per KV head = 21). With a
-    bf16 cache on AVX-512, a run of at most 4 rows reads every KV head in one pass (widen_all) when the call has at
+    bf16 cache on AVX-512, a run of at most 4 rows reads every KV head in one pass (attend_stream) when the call has at
     least as many tasks as threads, a longer run one head per task: every row as its own run against the runs of 5
     and 30 compares the two paths."""
     seqs = [(1, 90), (5, 126), (30, 300)]  # (rows, context of the first row)
@@ -82,6 +82,39 @@ def test_rows_of_a_run_match_gather_and_sdpa_and_each_row_alone(kind, monkeypatc
     for i in (0, 1, 5, 6, 20, 27, 35):
         alone = decode(cache, q[i:i + 1], tables[i:i + 1], lens[i:i + 1], True, monkeypatch)
         assert torch.equal(alone[0], together[i]), i
+
+
+def test_short_runs_streamed_give_each_row_the_same_bits_as_alone_and_as_in_a_long_run(monkeypatch):
+    """bf16, two threads: runs of 2-4 rows (a token and its drafts) take attend_stream, all KV heads at once, 16
+    tokens at a time; their rows end mid-block, on a block, and on both sides of the chunk boundary at 128, and a
+    run's rows see different lengths (the first row's chunk can be empty). The same rows inside a run of 7 take the
+    one-head-per-task path (attend_vec): every row must get the same bits in all three, and match gather + SDPA."""
+    cache = filled("bf16")
+    firsts = {2: 15, 3: 127, 4: 253}  # run length -> context of its first row
+    tables, lens, runs = [], [], [0]
+    for rows, first in firsts.items():
+        tables += [torch.randperm(BLOCKS)[:21]] * rows
+        lens += range(first, first + rows)
+        runs.append(runs[-1] + rows)
+    tables, lens, q = torch.stack(tables), torch.tensor(lens), torch.randn(len(lens), H, D)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        streamed = decode(cache, q, tables, lens, True, monkeypatch, runs)
+        torch.testing.assert_close(streamed, decode(cache, q, tables, lens, False, monkeypatch), atol=2e-6,
+                                   rtol=1e-5)
+        for i in range(len(lens)):
+            alone = decode(cache, q[i:i + 1], tables[i:i + 1], lens[i:i + 1], True, monkeypatch)
+            assert torch.equal(alone[0], streamed[i]), i
+        start = runs[2]  # the run of 4, extended by 3 more rows of the same sequence: a run of 7, one head per task
+        extra = torch.arange(lens[-1] + 1, lens[-1] + 4)
+        long_lens = torch.cat([lens[start:], extra])
+        long_q = torch.cat([q[start:], torch.randn(3, H, D)])
+        long_tables = tables[start:start + 1].repeat(7, 1)
+        in_long = decode(cache, long_q, long_tables, long_lens, True, monkeypatch, [0, 7])
+        assert torch.equal(in_long[:4], streamed[start:])
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("runs, words", [([0, 2, 2, 36], "increasing row offsets"), ([0, 36, 40], "from 0 to 36"),
