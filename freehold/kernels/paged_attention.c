@@ -18,7 +18,9 @@
    and sums run the same instructions in the same order, so a row gets the same result in any batch or run.
    With AVX-512 and head_dim 64 or 128 a task runs attend_vec (16 tokens' scores at a time for every query in
    turn, the V sums in registers; ~1.5x attend()'s speed when the context is in cache, which prompt chunks' runs
-   are), elsewhere the portable attend(); which one depends only on head_dim and the CPU, never on the rows.
+   are), or attend_stream for the short runs above (attend_vec's arithmetic, every head at once), elsewhere the
+   portable attend(); attend_vec and attend_stream give a row the same bits, so only head_dim and the CPU decide
+   a row's arithmetic, never its run or batch.
    Cache element types: 0 = fp32, 1 = bf16, 2 = int8 with one fp16 scale per (slot, KV head). */
 #include <math.h>
 #include <omp.h>
@@ -351,9 +353,10 @@ static inline int64_t stream_scratch(int rows, int heads, int64_t width) {
    contiguous run per token) into `kb`, which stays in L1, and scores it for every query before it reads the next
    block; the sums pass does the same with V. While it scores a block it asks for the K rows AHEAD tokens on and
    for the block's own V rows (the sums pass then finds them in L2), a few rows per query head, spread over the
-   arithmetic: asked for all at once they stalled it (1.09-1.28x the time of reading first, below), spread they
-   overlap it. Reading the whole chunk first (into a 196 KB buffer) and then computing took the reading's time plus
-   the arithmetic's: this is ~0.8x its time at 16 and 64 sequences of 512 tokens (docs/performance.md).
+   arithmetic: asked for all at once they stalled it (1.09-1.28x the time of the old path), spread they overlap it.
+   The old path read the whole chunk first (into a 196 KB buffer) and then computed, taking the reading's time plus
+   the arithmetic's; this takes 0.75-0.93x its time at 16 sequences of 512 tokens and 0.80-0.96x at 64 (medians
+   0.88x and 0.87x over 6-7 runs on a noisy Zen 5 VM; docs/performance.md, issue 19).
    Each query's operations and their order are attend_vec's with bf16 rows (ks = scale, vs = 1): the same bits.
    Query qi = x * heads + h (row x, query head h = g * group + j), its partial parts[x * kvh + g] at j.
    scratch (64-byte aligned, stream_scratch floats): scores [rows * heads][CHUNK], running maxima [rows * heads][16],
@@ -574,17 +577,31 @@ int paged_decode_attention(const float *q, float *out, const void *k_cache, cons
     int status = pm && pl && pacc ? 0 : 2;
     if (status == 0) {
 #ifdef __AVX512F__
-        /* bf16 cache, a vector head size, every head's rows of a chunk in at most 512 KB (as fp32), and at least as
-           many (piece, chunk) tasks as threads, so that taking a piece's heads together leaves no thread idle */
-        int wide_ok = dtype == 1 && (head_dim == 64 || head_dim == 128) && kv_heads * head_dim <= WIDE_MAX
-                      && task_base[pieces] >= omp_get_max_threads();
-#else
-        int wide_ok = 0;
+        /* attend_stream for the short runs: a bf16 cache, a vector head size (so kv_heads <= WIDE_MAX / 64, which
+           bounds `parts` below), a token's rows of every head in at most WIDE_MAX floats (`kb`: 16 tokens, 32 KB),
+           some short run, and at least as many (piece, chunk) tasks as threads, so that taking a piece's heads
+           together leaves no thread idle */
+        int any_short = 0;
+        for (int64_t i = 0; i < pieces; i++) any_short |= short_run[i];
+        int stream = any_short && dtype == 1 && (head_dim == 64 || head_dim == 128)
+                     && kv_heads * head_dim <= WIDE_MAX && task_base[pieces] >= omp_get_max_threads();
+        int stream_failed = 0;  /* some thread's scratch could not be allocated: every task takes the per-head path */
 #endif
         #pragma omp parallel
         {
-            float *scratch = NULL;  /* this thread's for attend_stream, allocated by its first one-pass task */
-            int scratch_failed = 0;
+            float *scratch = NULL;  /* this thread's for attend_stream */
+#ifdef __AVX512F__
+            if (stream) {
+                size_t floats = (size_t)stream_scratch(WIDE_ROWS, heads, (int64_t)kv_heads * head_dim);
+                scratch = aligned_alloc(64, sizeof(float) * ((floats + 15) / 16 * 16));
+                if (scratch == NULL) {
+                    #pragma omp atomic write
+                    stream_failed = 1;
+                }
+            }
+            #pragma omp barrier
+            int streamed = stream && !stream_failed;  /* the same for every thread: a run's heads go one way */
+#endif
             #pragma omp for schedule(dynamic)
             for (int64_t task = 0; task < tasks; task++) {  /* task = (task_base[piece] + chunk) * kv_heads + g */
                 int64_t index = task / kv_heads, piece = 0;
@@ -595,15 +612,10 @@ int paged_decode_attention(const float *q, float *out, const void *k_cache, cons
                 /* A whole run of a few rows (a decode row and its drafts: bound by reading the cache) takes every KV
                    head in the task of g = 0 (attend_stream); the other tasks of its chunk are empty. A longer run (a
                    prompt chunk, cache-resident) keeps one head per task. Either way each row computes the same thing,
-                   in the same order (a failed allocation only means the per-head path). */
+                   in the same order (a failed allocation means the per-head path for every task of the call). */
                 int g_first = (int)(task % kv_heads);
 #ifdef __AVX512F__
-                if (wide_ok && short_run[piece] && scratch == NULL && !scratch_failed) {
-                    size_t floats = (size_t)stream_scratch(WIDE_ROWS, heads, (int64_t)kv_heads * head_dim);
-                    scratch = aligned_alloc(64, sizeof(float) * ((floats + 15) / 16 * 16));
-                    scratch_failed = scratch == NULL;
-                }
-                if (scratch != NULL && short_run[piece]) {
+                if (streamed && short_run[piece]) {
                     if (g_first != 0) continue;
                     Partial parts[WIDE_ROWS * (WIDE_MAX / 64)];
                     for (int x = 0; x < rows; x++)

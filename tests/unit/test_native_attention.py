@@ -85,9 +85,10 @@ def test_rows_of_a_run_match_gather_and_sdpa_and_each_row_alone(kind, monkeypatc
 
 
 def test_short_runs_streamed_give_each_row_the_same_bits_as_alone_and_as_in_a_long_run(monkeypatch):
-    """bf16, two threads: runs of 2-4 rows (a token and its drafts) take attend_stream, all KV heads at once, 16
-    tokens at a time; their rows end mid-block, on a block, and on both sides of the chunk boundary at 128, and a
-    run's rows see different lengths (the first row's chunk can be empty). The same rows inside a run of 7 take the
+    """bf16, two threads: with AVX-512, runs of 2-4 rows (a token and its drafts) take attend_stream, all KV heads at
+    once, 16 tokens at a time (without AVX-512 every path is attend(), and this still checks a row alone against its
+    run). Their rows end mid-block, on a block, and on both sides of the chunk boundary at 128, and a run's rows see
+    different lengths (the first row's chunk can be empty). The same rows inside a run of 7 take the
     one-head-per-task path (attend_vec): every row must get the same bits in all three, and match gather + SDPA."""
     cache = filled("bf16")
     firsts = {2: 15, 3: 127, 4: 253}  # run length -> context of its first row
