@@ -343,6 +343,16 @@ static inline __attribute__((always_inline)) void attend_vec(
 #endif
 
 #ifdef __AVX512F__
+/* bf16 rows of tokens t .. t + count - 1 (every KV head's, `width` values each, one run per token in the cache)
+   widened exactly into dst[count][width] */
+static inline void widen_block(const uint16_t *cache, const int64_t *table, int64_t t, int count, int block_size,
+                               int log2_bs, int64_t width, float *dst) {
+    for (int u = 0; u < count; u++) {
+        const uint16_t *row = cache + slot_of(table, t + u, block_size, log2_bs) * width;
+        for (int64_t i = 0; i < width; i += 16) widen16_bf16(row + i, dst + u * width + i);
+    }
+}
+
 /* Floats of scratch attend_stream needs for `rows` rows of `heads` query heads over kvh x d (its layout below). */
 static inline int64_t stream_scratch(int rows, int heads, int64_t width) {
     return (int64_t)rows * heads * (CHUNK + 16) + 16 * width + 16;
@@ -384,10 +394,7 @@ static inline __attribute__((always_inline)) void attend_stream(
     }
     for (int64_t tb = 0; tb < scored; tb += 16) {
         int block = scored - tb < 16 ? (int)(scored - tb) : 16;
-        for (int u = 0; u < block; u++) {
-            const uint16_t *kr = k_cache + slot_of(table, t0 + tb + u, block_size, log2_bs) * width;
-            for (int64_t i = 0; i < width; i += V) widen16_bf16(kr + i, kb + u * width + i);
-        }
+        widen_block(k_cache, table, t0 + tb, block, block_size, log2_bs, width, kb);
         for (int x = 0; x < rows; x++) {
             int64_t own = seen[x];
             if (tb >= own) continue;
@@ -447,10 +454,7 @@ static inline __attribute__((always_inline)) void attend_stream(
         }
     for (int64_t tb = 0; tb < scored; tb += 16) {
         int block = scored - tb < 16 ? (int)(scored - tb) : 16;
-        for (int u = 0; u < block; u++) {
-            const uint16_t *vr = v_cache + slot_of(table, t0 + tb + u, block_size, log2_bs) * width;
-            for (int64_t i = 0; i < width; i += V) widen16_bf16(vr + i, kb + u * width + i);
-        }
+        widen_block(v_cache, table, t0 + tb, block, block_size, log2_bs, width, kb);
         for (int x = 0; x < rows; x++) {
             int64_t own = seen[x];
             if (tb >= own) continue;
