@@ -4,23 +4,22 @@
        s_t = scale * q[b,h] . K[slot(b,t), g]            slot(b,t) = table[b][t / bs] * bs + t % bs
        p_t = exp(s_t - max_u s_u) / sum_u exp(s_u - max_u s_u)
        out[b,h] = sum_t p_t V[slot(b,t), g]
-   Rows come in runs: consecutive rows of one sequence (a decoded token and its draft tokens, or a prompt chunk),
-   one table, context lengths non-decreasing (each row sees the sequence up to itself). A task is (up to
-   MAX_Q / G rows of a run, g, a chunk of CHUNK tokens): every query head of those rows that reads KV head g shares
-   each K/V row read, so a run's context is read once per step, not once per row; chunks merge by their softmax
-   statistics (flash-decoding), so one long sequence still keeps every thread busy. With a bf16 cache and AVX-512,
-   a run of at most WIDE_ROWS rows (a decode row and its drafts, bound by reading the cache) does all its KV heads
-   in the task of g = 0, reading each token's rows of every head as one run (the other heads' tasks are
-   empty), streaming the chunk 16 tokens at a time (attend_stream), where there are at least as many (piece, chunk)
-   tasks as threads. Tasks run in parallel (OpenMP, the
-   same libgomp torch uses). A row's arithmetic is the same whatever else is in its task: chunks are fixed by
-   the context length (a row's chunks past its own length are empty and skipped), and its dot products, exponents
-   and sums run the same instructions in the same order, so a row gets the same result in any batch or run.
-   With AVX-512 and head_dim 64 or 128 a task runs attend_vec (16 tokens' scores at a time for every query in
-   turn, the V sums in registers; ~1.5x attend()'s speed when the context is in cache, which prompt chunks' runs
-   are), or attend_stream for the short runs above (attend_vec's arithmetic, every head at once), elsewhere the
-   portable attend(); attend_vec and attend_stream give a row the same bits, so only head_dim and the CPU decide
-   a row's arithmetic, never its run or batch.
+   Rows come in runs: consecutive rows of one sequence (a decoded token and its draft tokens, or a prompt chunk), one
+   table, context lengths non-decreasing (each row sees the sequence up to itself). A task is (up to MAX_Q / G rows
+   of a run, g, a chunk of CHUNK tokens): every query head of those rows that reads KV head g shares each K/V row
+   read, so a run's context is read once per step, not once per row; chunks merge by their softmax statistics
+   (flash-decoding), so one long sequence still keeps every thread busy. With a bf16 cache and AVX-512, a run of at
+   most WIDE_ROWS rows (a decode row and its drafts, bound by reading the cache) does all its KV heads in the task of
+   g = 0, reading each token's rows of every head as one run and streaming the chunk 16 tokens at a time
+   (attend_stream; the other heads' tasks are empty), where there are at least as many (piece, chunk) tasks as
+   threads. Tasks run in parallel (OpenMP, the same libgomp torch uses). A row's arithmetic is the same whatever else
+   is in its task: chunks are fixed by the context length (a row's chunks past its own length are empty and skipped),
+   and its dot products, exponents and sums run the same instructions in the same order, so a row gets the same
+   result in any batch or run. With AVX-512 and head_dim 64 or 128 a task runs attend_vec (16 tokens' scores at a
+   time for every query in turn, the V sums in registers; ~1.5x attend()'s speed when the context is in cache, which
+   prompt chunks' runs are), or attend_stream for the short runs above (attend_vec's arithmetic, every head at once),
+   elsewhere the portable attend(); attend_vec and attend_stream give a row the same bits, so only head_dim and the
+   CPU decide a row's arithmetic, never its run or batch.
    Cache element types: 0 = fp32, 1 = bf16, 2 = int8 with one fp16 scale per (slot, KV head). */
 #include <math.h>
 #include <omp.h>
@@ -353,6 +352,11 @@ static inline void widen_block(const uint16_t *cache, const int64_t *table, int6
     }
 }
 
+/* How many of the 16 tokens from tb a row with `own` tokens in this chunk scores (0: none) */
+static inline int block_tokens(int64_t own, int64_t tb) {
+    return tb >= own ? 0 : own - tb < 16 ? (int)(own - tb) : 16;
+}
+
 /* Floats of scratch attend_stream needs for `rows` rows of `heads` query heads over kvh x d (its layout below). */
 static inline int64_t stream_scratch(int rows, int heads, int64_t width) {
     return (int64_t)rows * heads * (CHUNK + 16) + 16 * width + 16;
@@ -396,9 +400,8 @@ static inline __attribute__((always_inline)) void attend_stream(
         int block = scored - tb < 16 ? (int)(scored - tb) : 16;
         widen_block(k_cache, table, t0 + tb, block, block_size, log2_bs, width, kb);
         for (int x = 0; x < rows; x++) {
-            int64_t own = seen[x];
-            if (tb >= own) continue;
-            int cnt = own - tb < 16 ? (int)(own - tb) : 16;
+            int cnt = block_tokens(seen[x], tb);
+            if (cnt == 0) continue;
             __mmask16 valid = (__mmask16)(cnt == 16 ? 0xFFFF : (1u << cnt) - 1);
             for (int h = 0; h < heads; h++) {
                 if (x == rows - 1)  /* spread over the heads: K AHEAD tokens on (L1), this block's V (L2) */
@@ -456,9 +459,8 @@ static inline __attribute__((always_inline)) void attend_stream(
         int block = scored - tb < 16 ? (int)(scored - tb) : 16;
         widen_block(v_cache, table, t0 + tb, block, block_size, log2_bs, width, kb);
         for (int x = 0; x < rows; x++) {
-            int64_t own = seen[x];
-            if (tb >= own) continue;
-            int cnt = own - tb < 16 ? (int)(own - tb) : 16;
+            int cnt = block_tokens(seen[x], tb);
+            if (cnt == 0) continue;
             for (int h = 0; h < heads; h++) {  /* sum_t p_t V_t, continued from the previous blocks in token order */
                 const float *p = scores + (int64_t)(x * heads + h) * CHUNK + tb, *vg = kb + (h / group) * head_dim;
                 float *out = parts[x * kvh + h / group].acc + (int64_t)(h % group) * head_dim;
